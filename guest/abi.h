@@ -27,19 +27,34 @@ namespace aggvm::guest {
 #define AGGVM_TSS_GPA 0x7800u
 #define AGGVM_PML4_GPA 0x9000u         /* page tables: PML4, PDPT, 4 PDs (2 MiB pages) up to 0xEFFF */
 #define AGGVM_IMAGE_MIN_GPA 0x100000u  /* the ELF's loadable segments must lie at or above 1 MiB */
+#define AGGVM_STATUS_GPA 0x5000u       /* status page: u64 heartbeat counter per vCPU (spin workload) */
 #define AGGVM_MAX_VCPUS 64u
+
+/* GDT selectors set up by the VMM. */
+#define AGGVM_SEL_CODE64 0x08u
+#define AGGVM_SEL_DATA 0x10u
+#define AGGVM_SEL_TSS 0x18u
 
 /* Ports (all 8-bit OUT unless noted). */
 #define AGGVM_PORT_CONSOLE 0x0a60u     /* OUT byte: one console character of this vCPU ('\n' ends a line) */
 #define AGGVM_PORT_RECORD 0x0a61u      /* OUT dword: GPA of a struct aggvm_record */
 #define AGGVM_PORT_DONE 0x0a62u        /* OUT dword: this vCPU finished its workload; value = status (0 = ok) */
+#define AGGVM_PORT_NOP 0x0a63u         /* OUT dword: ignored by the VMM (a bare exit round trip, for benchmarks) */
 
 /* Workloads, chosen by the VMM in BootInfo.workload. */
 enum aggvm_workload {
   AGGVM_WORKLOAD_HELLO = 1,        /* every vCPU reports in with a HELLO record, then DONE */
   AGGVM_WORKLOAD_IPI_PINGPONG = 2, /* ping_vcpu and pong_vcpu exchange `ipi_vector` IPIs `iterations` times */
-  AGGVM_WORKLOAD_IRQ_SINK = 3      /* halt; record vector + rdtsc of every interrupt, then EOI; never DONE */
+  AGGVM_WORKLOAD_IRQ_SINK = 3,     /* halt; record vector + rdtsc of every interrupt, then EOI; never DONE */
+  AGGVM_WORKLOAD_SPIN = 4,         /* loop forever incrementing this vCPU's u64 at AGGVM_STATUS_GPA + 8*index */
+  AGGVM_WORKLOAD_EXIT_LOOP = 5,    /* `iterations` times: rdtsc, OUT to AGGVM_PORT_NOP, rdtsc -> EXIT_ROUND record */
+  /* Misbehaving guests, for the VMM's error handling tests. */
+  AGGVM_WORKLOAD_BAD_PORT = 100,     /* OUT to port 0x1234 */
+  AGGVM_WORKLOAD_UNMAPPED = 101,     /* read from guest-physical 0xC0000000 (mapped by the page tables, no memslot) */
+  AGGVM_WORKLOAD_TRIPLE_FAULT = 102  /* load an empty IDT and raise #UD: #UD -> #DF -> triple fault (shutdown) */
 };
+/* Workloads other than these run on every vCPU; ipi-pingpong runs on ping_vcpu and pong_vcpu, the other vCPUs
+   report DONE at once. */
 
 #define AGGVM_BOOTINFO_MAGIC 0x41474756u /* "VGGA" */
 #define AGGVM_BOOTINFO_VERSION 1u
@@ -65,7 +80,8 @@ enum aggvm_record_type {
   AGGVM_REC_HELLO = 1,      /* a = APIC ID read from the LAPIC, b = rdtsc */
   AGGVM_REC_IRQ = 2,        /* a = vector, b = rdtsc at handler entry, c = per-vCPU sequence number */
   AGGVM_REC_PING_ROUND = 3, /* a = round, b = rdtsc before the IPI, c = rdtsc when the answer's handler ran */
-  AGGVM_REC_ERROR = 4       /* a = error code (enum aggvm_guest_error), b/c = details */
+  AGGVM_REC_ERROR = 4,      /* a = error code (enum aggvm_guest_error), b/c = details */
+  AGGVM_REC_EXIT_ROUND = 5  /* a = iteration, b = rdtsc before the OUT, c = rdtsc after it */
 };
 
 enum aggvm_guest_error {

@@ -25,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/types.h"
+#include "irqchip/interrupt.h"
 
 namespace aggvm::transport {
 
@@ -48,8 +49,7 @@ enum FrameFlags : uint16_t {
   kFlagsKnown = kFlagTraced,
 };
 
-/// x86 delivery modes as encoded in ICR / MSI data bits 10:8 (SDM vol. 3, 11.6.1).
-enum class DeliveryMode : uint8_t { kFixed = 0, kLowestPriority = 1, kSmi = 2, kNmi = 4, kInit = 5, kStartup = 6, kExtInt = 7 };
+using irqchip::DeliveryMode;
 
 struct InterruptPayload {        // FrameType::kInterrupt
   enum class Kind : uint8_t { kGsiLevel = 0, kMsi = 1 } kind = Kind::kGsiLevel;
