@@ -45,8 +45,10 @@ namespace aggvm::guest {
 enum aggvm_workload {
   AGGVM_WORKLOAD_HELLO = 1,        /* every vCPU reports in with a HELLO record, then DONE */
   AGGVM_WORKLOAD_IPI_PINGPONG = 2, /* ping_vcpu and pong_vcpu exchange `ipi_vector` IPIs `iterations` times */
-  AGGVM_WORKLOAD_IRQ_SINK = 3,     /* halt; record vector + rdtsc of every interrupt, then EOI; never DONE */
-  AGGVM_WORKLOAD_SPIN = 4,         /* loop forever incrementing this vCPU's u64 at AGGVM_STATUS_GPA + 8*index */
+  AGGVM_WORKLOAD_IRQ_SINK = 3,     /* HELLO once ready (IDT + LAPIC up), then halt; record vector + rdtsc of every
+                                      interrupt, then EOI; never DONE */
+  AGGVM_WORKLOAD_SPIN = 4,         /* HELLO once ready, then loop forever (interrupts on) incrementing this vCPU's
+                                      u64 at AGGVM_STATUS_GPA + 8*index */
   AGGVM_WORKLOAD_EXIT_LOOP = 5,    /* `iterations` times: rdtsc, OUT to AGGVM_PORT_NOP, rdtsc -> EXIT_ROUND record */
   /* Misbehaving guests, for the VMM's error handling tests. */
   AGGVM_WORKLOAD_BAD_PORT = 100,     /* OUT to port 0x1234 */
@@ -54,7 +56,9 @@ enum aggvm_workload {
   AGGVM_WORKLOAD_TRIPLE_FAULT = 102  /* load an empty IDT and raise #UD: #UD -> #DF -> triple fault (shutdown) */
 };
 /* Workloads other than these run on every vCPU; ipi-pingpong runs on ping_vcpu and pong_vcpu, the other vCPUs
-   report DONE at once. */
+   report DONE at once. A misbehaving workload the VMM lets continue prints a console line and reports DONE 0.
+   DONE status: 0 = ok, else the enum aggvm_guest_error of the ERROR record sent just before. After DONE a vCPU
+   halts with interrupts enabled (still recording IRQs), or with interrupts off after an error. */
 
 #define AGGVM_BOOTINFO_MAGIC 0x41474756u /* "VGGA" */
 #define AGGVM_BOOTINFO_VERSION 1u
@@ -66,10 +70,10 @@ struct aggvm_boot_info {
   uint32_t num_vcpus;
   uint32_t workload;        /* enum aggvm_workload */
   uint32_t flags;           /* AGGVM_BOOT_* */
-  uint32_t iterations;      /* ipi-pingpong rounds */
+  uint32_t iterations;      /* ipi-pingpong rounds; exit-loop iterations */
   uint32_t ping_vcpu;       /* ipi-pingpong: the vCPU that starts and times each round */
   uint32_t pong_vcpu;       /* ipi-pingpong: the vCPU that answers */
-  uint32_t ipi_vector;      /* ipi-pingpong: vector used both ways (32..255) */
+  uint32_t ipi_vector;      /* ipi-pingpong: vector used both ways (32..254; 255 is the spurious vector) */
   uint32_t reserved0;
   uint64_t tsc_khz;         /* guest TSC frequency as KVM reports it (0 if unknown) */
   uint32_t apic_ids[AGGVM_MAX_VCPUS]; /* APIC ID of each vCPU index */
