@@ -1,0 +1,365 @@
+#include "node-agent/probe_vm.h"
+
+#include <linux/kvm.h>
+
+#include <atomic>
+#include <variant>
+
+#include <fmt/format.h>
+
+#include "common/clock.h"
+#include "vcpu/elf_loader.h"
+#include "vcpu/long_mode.h"
+
+namespace aggvm::agent {
+
+using vcpu::VcpuThread;
+using Action = VcpuThread::ExitAction;
+
+namespace {
+
+constexpr uint32_t kIoapicPins = 24;
+constexpr uint64_t kUnmappedHole = 0xC0000000;  // the unmapped workload reads here: no memslot may cover it
+constexpr size_t kMaxLineChars = 240;
+constexpr size_t kMaxConsoleLines = 10000;
+constexpr size_t kMaxRecordsPerVcpu = 1u << 22;
+
+std::string GuestErrorText(const Record& r) {
+  switch (r.a) {
+    case guest::AGGVM_GERR_BAD_BOOTINFO:
+      return fmt::format("rejected its boot info (details {:#x}, {:#x})", r.b, r.c);
+    case guest::AGGVM_GERR_BAD_WORKLOAD:
+      return fmt::format("rejected its workload (details {:#x}, {:#x})", r.b, r.c);
+    case guest::AGGVM_GERR_EXCEPTION:
+      return fmt::format("took exception vector {} at RIP {:#x}", r.b, r.c);
+    case guest::AGGVM_GERR_NO_APIC:
+      return fmt::format("found no usable local APIC (details {:#x}, {:#x})", r.b, r.c);
+    default:
+      return fmt::format("reported error code {} (details {:#x}, {:#x})", r.a, r.b, r.c);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<guest::aggvm_workload> ParseWorkload(std::string_view name) {
+  static constexpr std::pair<std::string_view, guest::aggvm_workload> kNames[] = {
+      {"hello", guest::AGGVM_WORKLOAD_HELLO},         {"ipi-pingpong", guest::AGGVM_WORKLOAD_IPI_PINGPONG},
+      {"irq-sink", guest::AGGVM_WORKLOAD_IRQ_SINK},   {"spin", guest::AGGVM_WORKLOAD_SPIN},
+      {"exit-loop", guest::AGGVM_WORKLOAD_EXIT_LOOP}, {"bad-port", guest::AGGVM_WORKLOAD_BAD_PORT},
+      {"unmapped", guest::AGGVM_WORKLOAD_UNMAPPED},   {"triple-fault", guest::AGGVM_WORKLOAD_TRIPLE_FAULT},
+  };
+  for (const auto& [n, w] : kNames) {
+    if (n == name) return w;
+  }
+  return absl::InvalidArgumentError(fmt::format(
+      "unknown workload '{}' (hello, ipi-pingpong, irq-sink, spin, exit-loop, bad-port, unmapped, triple-fault)", name));
+}
+
+ProbeVm::ProbeVm(ProbeVmConfig config, vcpu::Kvm kvm, vcpu::Vm vm, vcpu::GuestMemory mem)
+    : config_(std::move(config)), kvm_(std::move(kvm)), vm_(std::move(vm)), mem_(std::move(mem)) {
+  reports_.resize(config_.num_vcpus);
+  partial_lines_.resize(config_.num_vcpus);
+}
+
+ProbeVm::~ProbeVm() {
+  Stop();
+  threads_.clear();  // joins
+}
+
+absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
+  if (config.num_vcpus == 0 || config.num_vcpus > AGGVM_MAX_VCPUS) {
+    return absl::InvalidArgumentError(
+        fmt::format("num_vcpus = {}: the probe guest supports 1..{} vCPUs", config.num_vcpus, AGGVM_MAX_VCPUS));
+  }
+  if (config.memory_bytes < (4ull << 20) || config.memory_bytes > kUnmappedHole || config.memory_bytes % 4096) {
+    return absl::InvalidArgumentError(fmt::format(
+        "memory_bytes = {}: need a multiple of 4096 between 4 MiB and 3 GiB (0xC0000000 must stay unmapped)",
+        config.memory_bytes));
+  }
+  if (config.workload == guest::AGGVM_WORKLOAD_IPI_PINGPONG &&
+      (config.num_vcpus < 2 || config.ping_vcpu.value() >= config.num_vcpus ||
+       config.pong_vcpu.value() >= config.num_vcpus || config.ping_vcpu == config.pong_vcpu)) {
+    return absl::InvalidArgumentError(fmt::format(
+        "ipi-pingpong needs two distinct vCPUs below num_vcpus = {} (ping {}, pong {})", config.num_vcpus,
+        config.ping_vcpu, config.pong_vcpu));
+  }
+  auto image_bytes = vcpu::ReadWholeFile(config.guest_elf);
+  if (!image_bytes.ok()) return image_bytes.status();
+  auto image = vcpu::ParseElf(*image_bytes, GuestAddress(AGGVM_IMAGE_MIN_GPA), GuestAddress(config.memory_bytes));
+  if (!image.ok()) {
+    return absl::InvalidArgumentError(fmt::format("guest image {}: {}", config.guest_elf, std::string(image.status().message())));
+  }
+
+  auto kvm = vcpu::Kvm::Open();
+  if (!kvm.ok()) return kvm.status();
+  for (auto [cap, name] : {std::pair{KVM_CAP_SPLIT_IRQCHIP, "KVM_CAP_SPLIT_IRQCHIP"},
+                           std::pair{KVM_CAP_SIGNAL_MSI, "KVM_CAP_SIGNAL_MSI"},
+                           std::pair{KVM_CAP_IRQFD, "KVM_CAP_IRQFD"},
+                           std::pair{KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"},
+                           std::pair{KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"},
+                           std::pair{KVM_CAP_SYNC_REGS, "KVM_CAP_SYNC_REGS"},
+                           std::pair{KVM_CAP_X2APIC_API, "KVM_CAP_X2APIC_API"}}) {
+    if (auto s = kvm->RequireExtension(cap, name); !s.ok()) return s;
+  }
+  auto vm = kvm->CreateVm();
+  if (!vm.ok()) return vm.status();
+  if (auto s = vm->EnableSplitIrqchip(kIoapicPins); !s.ok()) return s;
+  if (auto s = vm->EnableX2apicApi(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK); !s.ok()) {
+    return s;
+  }
+  auto mem = vcpu::GuestMemory::Create(*vm, 0, GuestAddress(0), config.memory_bytes);
+  if (!mem.ok()) return mem.status();
+  if (auto s = vcpu::WriteLongModeTables(*mem); !s.ok()) return s;
+  if (auto s = vcpu::LoadElf(*image, *image_bytes, *mem); !s.ok()) return s;
+
+  const uint64_t entry = image->entry;
+  std::unique_ptr<ProbeVm> pvm(new ProbeVm(std::move(config), *std::move(kvm), *std::move(vm), *std::move(mem)));
+  pvm->injector_ = std::make_unique<vcpu::KernelIrqchipInjector>(pvm->vm_);
+  if (auto s = pvm->SetUpVcpus(); !s.ok()) return s;
+
+  // BootInfo last: it carries the TSC frequency read from a vCPU.
+  guest::aggvm_boot_info bi{};
+  bi.magic = AGGVM_BOOTINFO_MAGIC;
+  bi.version = AGGVM_BOOTINFO_VERSION;
+  bi.num_vcpus = pvm->config_.num_vcpus;
+  bi.workload = pvm->config_.workload;
+  bi.flags = pvm->config_.x2apic ? AGGVM_BOOT_X2APIC : 0;
+  bi.iterations = pvm->config_.iterations;
+  bi.ping_vcpu = pvm->config_.ping_vcpu.value();
+  bi.pong_vcpu = pvm->config_.pong_vcpu.value();
+  bi.ipi_vector = pvm->config_.ipi_vector.value();
+  bi.tsc_khz = pvm->tsc_khz_;
+  for (uint32_t i = 0; i < bi.num_vcpus; ++i) bi.apic_ids[i] = pvm->apic_id(VcpuIndex(i)).value();
+  if (auto s = pvm->mem_.WriteObject(GuestAddress(AGGVM_BOOTINFO_GPA), bi); !s.ok()) return s;
+
+  for (uint32_t i = 0; i < pvm->config_.num_vcpus; ++i) {
+    pvm->vcpus_[i].StageRegs(vcpu::BootRegs(entry, VcpuIndex(i), GuestAddress(AGGVM_BOOTINFO_GPA)));
+  }
+  return pvm;
+}
+
+absl::Status ProbeVm::SetUpVcpus() {
+  auto cpuid = kvm_.SupportedCpuid();
+  if (!cpuid.ok()) return cpuid.status();
+  vcpus_.reserve(config_.num_vcpus);
+  for (uint32_t i = 0; i < config_.num_vcpus; ++i) {
+    auto v = vm_.CreateVcpu(apic_id(VcpuIndex(i)));
+    if (!v.ok()) return v.status();
+    if (auto s = v->SetCpuid(vcpu::CpuidForVcpu(*cpuid, v->id())); !s.ok()) return s;
+    auto sregs = v->GetSregs();
+    if (!sregs.ok()) return sregs.status();
+    if (auto s = v->SetSregs(vcpu::LongModeSregs(*sregs)); !s.ok()) return s;
+    // With the in-kernel LAPIC every vCPU but the BSP waits for INIT/SIPI; start them directly.
+    if (i != 0) {
+      if (auto s = v->SetMpState(KVM_MP_STATE_RUNNABLE); !s.ok()) return s;
+    }
+    v->EnableSyncRegs();
+    vcpus_.push_back(*std::move(v));
+  }
+  auto khz = vcpus_[0].TscKhz();
+  tsc_khz_ = khz.ok() ? *khz : 0;
+  // Guest TSC - host TSC, read once before the vCPUs run (IA32_TIME_STAMP_COUNTER, MSR 0x10; SDM vol. 3, 17.17).
+  // The ioctl takes a few microseconds: the offset is exact to about that.
+  const uint64_t host_before = ReadTsc();
+  auto guest_tsc = vcpus_[0].GetMsr(0x10);
+  const uint64_t host_after = ReadTsc();
+  if (guest_tsc.ok()) {
+    tsc_offset_ = static_cast<int64_t>(*guest_tsc - (host_before + (host_after - host_before) / 2));
+  }
+  threads_.reserve(config_.num_vcpus);
+  for (uint32_t i = 0; i < config_.num_vcpus; ++i) {
+    threads_.push_back(std::make_unique<VcpuThread>(
+        vcpus_[i], [this, i](vcpu::VcpuExit& exit) { return HandleExit(i, exit); }));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProbeVm::Start() {
+  for (auto& t : threads_) {
+    if (auto s = t->Start(); !s.ok()) {
+      Stop();
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ProbeVm::Stop() {
+  for (auto& t : threads_) t->Stop();
+  for (auto& t : threads_) {
+    if (t->state() != VcpuThread::State::kCreated) (void)t->WaitStopped(absl::Seconds(10));
+  }
+}
+
+absl::Status ProbeVm::error() const {
+  std::lock_guard l(mu_);
+  return error_;
+}
+
+VcpuReport ProbeVm::report(VcpuIndex index) const {
+  std::lock_guard l(mu_);
+  return reports_.at(index.value());
+}
+
+uint64_t ProbeVm::Heartbeat(VcpuIndex index) {
+  auto s = mem_.Slice(GuestAddress(AGGVM_STATUS_GPA + 8ull * index.value()), 8);
+  if (!s.ok()) return 0;
+  return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(s->data())).load(std::memory_order_relaxed);
+}
+
+absl::Status ProbeVm::WaitDone(absl::Duration timeout) {
+  std::unique_lock l(mu_);
+  const bool ok = cv_.wait_for(l, absl::ToChronoNanoseconds(timeout),
+                               [&] { return !error_.ok() || done_count_ == config_.num_vcpus; });
+  if (!error_.ok()) return error_;
+  if (!ok) {
+    return absl::DeadlineExceededError(fmt::format("{} of {} vCPUs reported DONE within {}", done_count_,
+                                                   config_.num_vcpus, absl::FormatDuration(timeout)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProbeVm::WaitForRecords(VcpuIndex index, guest::aggvm_record_type type, size_t count,
+                                     absl::Duration timeout) {
+  std::unique_lock l(mu_);
+  auto have = [&] {
+    size_t n = 0;
+    for (const auto& r : reports_.at(index.value()).records) n += r.type == type;
+    return n;
+  };
+  const bool ok = cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return !error_.ok() || have() >= count; });
+  if (!error_.ok()) return error_;
+  if (!ok) {
+    return absl::DeadlineExceededError(fmt::format("vCPU {} sent {} of {} records of type {} within {}", index, have(),
+                                                   count, static_cast<int>(type), absl::FormatDuration(timeout)));
+  }
+  return absl::OkStatus();
+}
+
+Action ProbeVm::Fail(uint32_t index, absl::Status status) {
+  {
+    std::lock_guard l(mu_);
+    if (error_.ok()) error_ = status;
+  }
+  cv_.notify_all();
+  // End the whole VM: the other vCPUs are kicked out (non-blocking); this one finishes by returning.
+  for (uint32_t j = 0; j < threads_.size(); ++j) {
+    if (j != index) threads_[j]->Stop();
+  }
+  return Action::Finish(std::move(status));
+}
+
+Action ProbeVm::HandleRecord(uint32_t index, uint32_t gpa) {
+  const uint64_t rip = vcpus_[index].regs().rip;
+  if (gpa % 8 != 0) {
+    return Fail(index, absl::InvalidArgumentError(fmt::format(
+                           "vCPU {} sent a record at unaligned GPA {:#x} (RIP {:#x}); records must be 8-byte aligned",
+                           index, gpa, rip)));
+  }
+  auto rec = mem_.ReadObject<Record>(GuestAddress(gpa));
+  if (!rec.ok()) {
+    return Fail(index, absl::InvalidArgumentError(
+                           fmt::format("vCPU {} sent a record at GPA {:#x} outside guest memory (RIP {:#x}): {}", index,
+                                       gpa, rip, std::string(rec.status().message()))));
+  }
+  if (rec->magic != AGGVM_RECORD_MAGIC || rec->type < guest::AGGVM_REC_HELLO ||
+      rec->type > guest::AGGVM_REC_EXIT_ROUND || rec->vcpu != index) {
+    return Fail(index, absl::InvalidArgumentError(fmt::format(
+                           "vCPU {} sent an invalid record at GPA {:#x}: magic {:#x} (want {:#x}), type {}, vcpu {}",
+                           index, gpa, rec->magic, AGGVM_RECORD_MAGIC, rec->type, rec->vcpu)));
+  }
+  if (rec->type == guest::AGGVM_REC_ERROR) {
+    return Fail(index, absl::AbortedError(fmt::format("guest vCPU {} {}", index, GuestErrorText(*rec))));
+  }
+  if (config_.on_record) config_.on_record(VcpuIndex(index), *rec);
+  {
+    std::lock_guard l(mu_);
+    auto& records = reports_[index].records;
+    if (records.size() < kMaxRecordsPerVcpu) records.push_back(*rec);
+  }
+  cv_.notify_all();
+  return Action::Continue();
+}
+
+Action ProbeVm::HandleExit(uint32_t index, vcpu::VcpuExit& exit) {
+  const uint64_t rip = vcpus_[index].regs().rip;
+  if (auto* out = std::get_if<vcpu::IoOut>(&exit)) {
+    if (out->count != 1) {
+      return Fail(index, absl::InvalidArgumentError(fmt::format(
+                             "vCPU {} used a string OUT ({}) at RIP {:#x}; the probe ports take single OUTs", index,
+                             vcpu::DescribeExit(exit), rip)));
+    }
+    switch (out->port) {
+      case AGGVM_PORT_CONSOLE: {
+        std::string& line = partial_lines_[index];
+        const char c = static_cast<char>(out->Value() & 0xFF);
+        if (c != '\n') line.push_back(c);
+        if (c == '\n' || line.size() >= kMaxLineChars) {
+          {
+            std::lock_guard l(mu_);
+            auto& lines = reports_[index].console_lines;
+            if (lines.size() < kMaxConsoleLines) lines.push_back(std::move(line));
+          }
+          line.clear();
+          cv_.notify_all();
+        }
+        return Action::Continue();
+      }
+      case AGGVM_PORT_RECORD:
+        if (out->size != 4) break;
+        return HandleRecord(index, out->Value());
+      case AGGVM_PORT_DONE: {
+        if (out->size != 4) break;
+        const uint32_t status = out->Value();
+        if (status != 0) {
+          return Fail(index, absl::AbortedError(fmt::format("guest vCPU {} finished with status {}", index, status)));
+        }
+        {
+          std::lock_guard l(mu_);
+          if (!reports_[index].done_status) ++done_count_;
+          reports_[index].done_status = status;
+        }
+        cv_.notify_all();
+        return Action::Continue();  // the guest idles; Stop() ends it
+      }
+      case AGGVM_PORT_NOP: {
+        std::lock_guard l(mu_);
+        ++reports_[index].nop_exits;
+        return Action::Continue();
+      }
+      default:
+        break;
+    }
+    return Fail(index, absl::InvalidArgumentError(fmt::format(
+                           "vCPU {} accessed unknown port: {} at RIP {:#x} (probe ports are {:#x}..{:#x})", index,
+                           vcpu::DescribeExit(exit), rip, AGGVM_PORT_CONSOLE, AGGVM_PORT_NOP)));
+  }
+  if (auto* eoi = std::get_if<vcpu::IoapicEoi>(&exit)) {
+    if (config_.on_ioapic_eoi) config_.on_ioapic_eoi(VcpuIndex(index), eoi->vector);
+    {
+      std::lock_guard l(mu_);
+      reports_[index].ioapic_eois.push_back(eoi->vector);
+    }
+    cv_.notify_all();
+    return Action::Continue();
+  }
+  if (std::holds_alternative<vcpu::IrqWindowOpen>(exit)) return Action::Continue();
+  if (std::holds_alternative<vcpu::IoIn>(exit)) {
+    return Fail(index, absl::InvalidArgumentError(fmt::format("vCPU {} accessed unknown port: {} at RIP {:#x}", index,
+                                                              vcpu::DescribeExit(exit), rip)));
+  }
+  if (std::holds_alternative<vcpu::MmioRead>(exit) || std::holds_alternative<vcpu::MmioWrite>(exit)) {
+    return Fail(index, absl::InvalidArgumentError(
+                           fmt::format("vCPU {} accessed unmapped guest-physical memory: {} at RIP {:#x}", index,
+                                       vcpu::DescribeExit(exit), rip)));
+  }
+  if (std::holds_alternative<vcpu::Shutdown>(exit)) {
+    return Fail(index, absl::AbortedError(fmt::format(
+                           "vCPU {} shut down (triple fault) near RIP {:#x}; the guest faulted while delivering a fault",
+                           index, rip)));
+  }
+  return Fail(index, absl::InternalError(
+                         fmt::format("vCPU {} stopped on {} at RIP {:#x}", index, vcpu::DescribeExit(exit), rip)));
+}
+
+}  // namespace aggvm::agent

@@ -1,0 +1,34 @@
+// How the VMM puts an interrupt into the guest's local APICs, independent of where the LAPICs live.
+//
+// `kernel` irqchip mode (KernelIrqchipInjector, this folder): the LAPICs are KVM's (split irqchip); an MSI goes in
+// with KVM_SIGNAL_MSI and KVM delivers it (posted interrupts on APICv hosts). A later `user` mode (LAPIC models in
+// userspace, injection with KVM_INTERRUPT) implements the same interface, so callers — the runner, the interrupt
+// router, a forwarded remote IPI — never know which mode runs.
+#pragma once
+
+#include "absl/status/status.h"
+#include "vcpu/msi.h"
+
+namespace aggvm::vcpu {
+
+class Vm;
+
+class InterruptInjector {
+ public:
+  virtual ~InterruptInjector() = default;
+  /// Delivers `msi` (SDM vol. 3, 11.11). Unavailable when no LAPIC accepted it (no such destination, or the
+  /// destination's LAPIC is software-disabled); other codes are failures of the mechanism. Thread-safe.
+  virtual absl::Status InjectMsi(const MsiMessage& msi) = 0;
+};
+
+/// `kernel` mode: KVM_SIGNAL_MSI on a VM with an in-kernel (split) irqchip. The Vm must outlive it.
+class KernelIrqchipInjector final : public InterruptInjector {
+ public:
+  explicit KernelIrqchipInjector(Vm& vm) : vm_(vm) {}
+  absl::Status InjectMsi(const MsiMessage& msi) override;
+
+ private:
+  Vm& vm_;
+};
+
+}  // namespace aggvm::vcpu
