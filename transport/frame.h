@@ -14,7 +14,8 @@
 //
 // One decoder (DecodeFrame) validates everything — version, type, flags, field ranges, zero padding — and returns a
 // checked `Frame`; the rest of the code never reads wire bytes. Encoding cannot fail for a Frame that passed
-// ValidateFrame.
+// ValidateFrame. The per-type payload byte layouts are listed at the top of frame.cc and in docs/transport.md;
+// golden-byte tests (transport/frame_test.cc) pin them.
 #pragma once
 
 #include <array>
@@ -32,6 +33,8 @@ namespace aggvm::transport {
 inline constexpr size_t kFrameSize = 64;
 inline constexpr uint8_t kFrameVersion = 1;
 using WireFrame = std::array<uint8_t, kFrameSize>;
+/// GSIs on the wire are below this bound (KVM_MAX_IRQ_ROUTES on x86, include/linux/kvm_host.h).
+inline constexpr uint32_t kMaxGsi = 4096;
 
 enum class FrameType : uint8_t {
   kInterrupt = 1,   // a device interrupt signal raised on a node (GSI level change or MSI), node -> master

@@ -43,7 +43,8 @@ struct ReceivedFrame {
 struct TransportStats {
   uint64_t frames_sent = 0;
   uint64_t frames_received = 0;
-  uint64_t bad_frames = 0;        // failed DecodeFrame: counted and dropped
+  uint64_t bad_frames = 0;        // failed DecodeFrame (or wrong source node): counted and dropped
+  uint64_t sequence_errors = 0;   // a frame whose sequence number is not the expected next one (gap or reorder)
   uint64_t send_errors = 0;
   uint64_t peers_lost = 0;
 };
