@@ -5,6 +5,13 @@ if(AGGVM_WERROR)
   list(APPEND AGGVM_WARNINGS -Werror)
 endif()
 
+if(AGGVM_FUZZ)
+  # Instrument every library for coverage (not only the fuzz targets' own sources), so the fuzzer sees the edges of
+  # the code it drives; the fuzz targets themselves link libFuzzer's main.
+  add_compile_options(-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=address,undefined)
+endif()
+
 if(AGGVM_SANITIZE)
   add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
   add_link_options(-fsanitize=address,undefined)
