@@ -25,6 +25,16 @@ std::vector<double> RecordSpansUs(const VcpuReport& report, guest::aggvm_record_
 
 }  // namespace
 
+std::vector<MsiPath> MsiPathsFor(vcpu::IrqchipMode mode) {
+  if (mode == vcpu::IrqchipMode::kUser) return {MsiPath::kInjector};
+  return {MsiPath::kInjector, MsiPath::kIrqFd};
+}
+
+const char* MsiPathName(MsiPath path, vcpu::IrqchipMode mode) {
+  if (path == MsiPath::kIrqFd) return "irqfd";
+  return mode == vcpu::IrqchipMode::kUser ? "user MSI (KVM_INTERRUPT)" : "KVM_SIGNAL_MSI";
+}
+
 void IrqProbe::Attach(ProbeVmConfig& config) {
   config.on_record = [this](VcpuIndex index, const Record& r) { OnRecord(index, r); };
 }
@@ -51,6 +61,9 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
   std::optional<vcpu::EventFd> event;
   std::optional<vcpu::IrqFd> irqfd;
   if (path == MsiPath::kIrqFd) {
+    if (vm.irqchip_mode() != vcpu::IrqchipMode::kKernel) {
+      return absl::FailedPreconditionError("irqfd needs the in-kernel irqchip; this VM runs the user irqchip");
+    }
     const Gsi gsi(0);
     const vcpu::GsiRoute route{gsi, msi};
     if (auto s = vm.vm().SetGsiRouting({&route, 1}); !s.ok()) return s;
@@ -69,7 +82,7 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
   for (size_t i = 0; i < samples; ++i) {
     const uint64_t before = irq_count_.load(std::memory_order_acquire);
     const uint64_t t0 = ReadTsc();
-    absl::Status s = path == MsiPath::kSignalMsi ? vm.injector().InjectMsi(msi) : event->Signal();
+    absl::Status s = path == MsiPath::kInjector ? vm.injector().InjectMsi(msi) : event->Signal();
     if (!s.ok()) return s;
     // Busy-wait: a sleeping waiter would add its own wake-up (~25 µs here) to every sample. Yield while spinning so
     // that on a host with few cores the woken vCPU thread is not left waiting for a scheduler tick behind us.

@@ -15,10 +15,16 @@
 #include "absl/time/time.h"
 #include "common/types.h"
 #include "node-agent/probe_vm.h"
+#include "vcpu/interrupt_injector.h"
 
 namespace aggvm::agent {
 
-enum class MsiPath { kSignalMsi, kIrqFd };
+/// How the host raises the MSI. kInjector: the VM's InterruptInjector (KVM_SIGNAL_MSI in kernel irqchip mode, the
+/// user irqchip's router + KVM_INTERRUPT in user mode). kIrqFd: an eventfd bound to a KVM GSI route (kernel mode only).
+enum class MsiPath { kInjector, kIrqFd };
+/// The paths a VM in `mode` supports, and a display name ("KVM_SIGNAL_MSI", "irqfd", "user MSI (KVM_INTERRUPT)").
+std::vector<MsiPath> MsiPathsFor(vcpu::IrqchipMode mode);
+const char* MsiPathName(MsiPath path, vcpu::IrqchipMode mode);
 
 struct IrqLatencySamples {
   std::vector<double> to_handler_us;  // inject -> guest handler entry

@@ -24,6 +24,12 @@ int main(int argc, char** argv) {
   app.add_option("--workload", opt.workload, "hello | ipi-pingpong | irq-sink | exit-loop | bad-port | unmapped | triple-fault");
   app.add_option("--iterations", opt.iterations, "rounds / samples (default 1000)");
   app.add_flag("--xapic", opt.xapic, "guest uses its LAPIC in xAPIC (MMIO) mode instead of x2APIC");
+  std::string irqchip = "kernel";
+  app.add_option("--irqchip", irqchip,
+                 "where the local APICs live: kernel (KVM's, split irqchip) | user (LAPIC models in userspace, "
+                 "KVM_INTERRUPT)")
+      ->check(CLI::IsMember({"kernel", "user"}))
+      ->capture_default_str();
   app.add_option("--guest", opt.guest_elf, "probe guest ELF")->capture_default_str();
   app.add_option("--timeout", timeout_s, "seconds before the run is declared hung")->capture_default_str();
   app.add_option("--json", json_file, "also write the results as JSON to this file");
@@ -33,8 +39,15 @@ int main(int argc, char** argv) {
     return 2;
   }
   opt.timeout = absl::Seconds(timeout_s);
+  auto mode = aggvm::vcpu::ParseIrqchipMode(irqchip);
+  if (!mode.ok()) {
+    spdlog::error("{}", mode.status().ToString());
+    return 2;
+  }
+  opt.irqchip = *mode;
 
-  spdlog::info("running workload {} on {} vCPU(s) with {}", opt.workload, opt.vcpus, opt.guest_elf);
+  spdlog::info("running workload {} on {} vCPU(s), {} irqchip, with {}", opt.workload, opt.vcpus, irqchip,
+               opt.guest_elf);
   auto result = aggvm::agent::RunStandalone(opt);
   if (!result.ok()) {
     spdlog::error("{}", result.status().ToString());

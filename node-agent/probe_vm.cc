@@ -3,6 +3,7 @@
 #include <linux/kvm.h>
 
 #include <atomic>
+#include <span>
 #include <variant>
 
 #include <fmt/format.h>
@@ -92,20 +93,37 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
 
   auto kvm = vcpu::Kvm::Open();
   if (!kvm.ok()) return kvm.status();
-  for (auto [cap, name] : {std::pair{KVM_CAP_SPLIT_IRQCHIP, "KVM_CAP_SPLIT_IRQCHIP"},
-                           std::pair{KVM_CAP_SIGNAL_MSI, "KVM_CAP_SIGNAL_MSI"},
-                           std::pair{KVM_CAP_IRQFD, "KVM_CAP_IRQFD"},
-                           std::pair{KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"},
-                           std::pair{KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"},
-                           std::pair{KVM_CAP_SYNC_REGS, "KVM_CAP_SYNC_REGS"},
-                           std::pair{KVM_CAP_X2APIC_API, "KVM_CAP_X2APIC_API"}}) {
+  const bool user = config.irqchip == vcpu::IrqchipMode::kUser;
+  using Cap = std::pair<long, const char*>;
+  static constexpr Cap kCommonCaps[] = {{KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"},
+                                        {KVM_CAP_SYNC_REGS, "KVM_CAP_SYNC_REGS"}};
+  static constexpr Cap kKernelCaps[] = {{KVM_CAP_SPLIT_IRQCHIP, "KVM_CAP_SPLIT_IRQCHIP"},
+                                        {KVM_CAP_SIGNAL_MSI, "KVM_CAP_SIGNAL_MSI"},
+                                        {KVM_CAP_IRQFD, "KVM_CAP_IRQFD"},
+                                        {KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"},
+                                        {KVM_CAP_X2APIC_API, "KVM_CAP_X2APIC_API"}};
+  static constexpr Cap kUserCaps[] = {{KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR"},
+                                      {KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER"}};
+  for (auto [cap, name] : kCommonCaps) {
     if (auto s = kvm->RequireExtension(cap, name); !s.ok()) return s;
+  }
+  for (auto [cap, name] : user ? std::span<const Cap>(kUserCaps) : std::span<const Cap>(kKernelCaps)) {
+    if (auto s = kvm->RequireExtension(cap, name); !s.ok()) {
+      return absl::FailedPreconditionError(fmt::format("irqchip mode '{}': {}", vcpu::IrqchipModeName(config.irqchip),
+                                                       std::string(s.message())));
+    }
   }
   auto vm = kvm->CreateVm();
   if (!vm.ok()) return vm.status();
-  if (auto s = vm->EnableSplitIrqchip(kIoapicPins); !s.ok()) return s;
-  if (auto s = vm->EnableX2apicApi(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK); !s.ok()) {
-    return s;
+  if (user) {
+    // No KVM_CREATE_IRQCHIP / split irqchip: LAPIC accesses and HLT exit to userspace.
+    if (auto s = vcpu::UserIrqchip::ConfigureVm(*vm); !s.ok()) return s;
+  } else {
+    if (auto s = vm->EnableSplitIrqchip(kIoapicPins); !s.ok()) return s;
+    if (auto s = vm->EnableX2apicApi(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK);
+        !s.ok()) {
+      return s;
+    }
   }
   auto mem = vcpu::GuestMemory::Create(*vm, 0, GuestAddress(0), config.memory_bytes);
   if (!mem.ok()) return mem.status();
@@ -114,8 +132,12 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
 
   const uint64_t entry = image->entry;
   std::unique_ptr<ProbeVm> pvm(new ProbeVm(std::move(config), *std::move(kvm), *std::move(vm), *std::move(mem)));
-  pvm->injector_ = std::make_unique<vcpu::KernelIrqchipInjector>(pvm->vm_);
   if (auto s = pvm->SetUpVcpus(); !s.ok()) return s;
+  if (user) {
+    pvm->injector_ = std::make_unique<vcpu::UserIrqchipInjector>(*pvm->user_irqchip_);
+  } else {
+    pvm->injector_ = std::make_unique<vcpu::KernelIrqchipInjector>(pvm->vm_);
+  }
 
   // BootInfo last: it carries the TSC frequency read from a vCPU.
   guest::aggvm_boot_info bi{};
@@ -141,16 +163,25 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
 absl::Status ProbeVm::SetUpVcpus() {
   auto cpuid = kvm_.SupportedCpuid();
   if (!cpuid.ok()) return cpuid.status();
+  const bool user = config_.irqchip == vcpu::IrqchipMode::kUser;
   vcpus_.reserve(config_.num_vcpus);
   for (uint32_t i = 0; i < config_.num_vcpus; ++i) {
     auto v = vm_.CreateVcpu(apic_id(VcpuIndex(i)));
     if (!v.ok()) return v.status();
-    if (auto s = v->SetCpuid(vcpu::CpuidForVcpu(*cpuid, v->id())); !s.ok()) return s;
+    std::vector<kvm_cpuid_entry2> cpuid_entries = vcpu::CpuidForVcpu(*cpuid, v->id());
+    if (user) {
+      // CPUID.1:ECX bit 21 x2APIC (the model has it), bit 24 TSC-deadline (the user irqchip does not arm it).
+      for (auto& e : cpuid_entries) {
+        if (e.function == 1) e.ecx = (e.ecx | (1u << 21)) & ~(1u << 24);
+      }
+    }
+    if (auto s = v->SetCpuid(cpuid_entries); !s.ok()) return s;
     auto sregs = v->GetSregs();
     if (!sregs.ok()) return sregs.status();
     if (auto s = v->SetSregs(vcpu::LongModeSregs(*sregs)); !s.ok()) return s;
-    // With the in-kernel LAPIC every vCPU but the BSP waits for INIT/SIPI; start them directly.
-    if (i != 0) {
+    // With the in-kernel LAPIC every vCPU but the BSP waits for INIT/SIPI; start them directly. Without one (user
+    // mode) KVM makes every vCPU runnable.
+    if (i != 0 && !user) {
       if (auto s = v->SetMpState(KVM_MP_STATE_RUNNABLE); !s.ok()) return s;
     }
     v->EnableSyncRegs();
@@ -166,10 +197,17 @@ absl::Status ProbeVm::SetUpVcpus() {
   if (guest_tsc.ok()) {
     tsc_offset_ = static_cast<int64_t>(*guest_tsc - (host_before + (host_after - host_before) / 2));
   }
+  if (user) {
+    std::vector<ApicId> ids;
+    for (uint32_t i = 0; i < config_.num_vcpus; ++i) ids.push_back(apic_id(VcpuIndex(i)));
+    user_irqchip_ = std::make_unique<vcpu::UserIrqchip>(ids, vcpu::UserIrqchip::Options{tsc_khz_});
+  }
   threads_.reserve(config_.num_vcpus);
   for (uint32_t i = 0; i < config_.num_vcpus; ++i) {
+    vcpu::VcpuInterruptHooks* hooks = user ? &user_irqchip_->hooks(VcpuIndex(i)) : nullptr;
     threads_.push_back(std::make_unique<VcpuThread>(
-        vcpus_[i], [this, i](vcpu::VcpuExit& exit) { return HandleExit(i, exit); }));
+        vcpus_[i], [this, i](vcpu::VcpuExit& exit) { return HandleExit(i, exit); }, hooks));
+    if (user) user_irqchip_->Attach(VcpuIndex(i), vcpus_[i], *threads_.back());
   }
   return absl::OkStatus();
 }
@@ -187,7 +225,7 @@ absl::Status ProbeVm::Start() {
 void ProbeVm::Stop() {
   for (auto& t : threads_) t->Stop();
   for (auto& t : threads_) {
-    if (t->state() != VcpuThread::State::kCreated) (void)t->WaitStopped(absl::Seconds(10));
+    if (t->started()) (void)t->WaitStopped(absl::Seconds(10));
   }
 }
 

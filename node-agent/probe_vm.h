@@ -1,5 +1,7 @@
-// A VM on this node running the probe guest (guest/abi.h): KVM with a split irqchip, guest memory from 0, the ELF
-// loaded at >= 1 MiB, long-mode tables, BootInfo, and one VcpuThread per vCPU handling the guest's ports.
+// A VM on this node running the probe guest (guest/abi.h): KVM with a split irqchip (`kernel` irqchip mode) or with
+// no in-kernel irqchip and the LocalApic models of vcpu/user_irqchip.h (`user` mode), guest memory from 0, the ELF
+// loaded at >= 1 MiB, long-mode tables, BootInfo, and one VcpuThread per vCPU handling the guest's ports. Both modes
+// look the same from outside: injector() takes MSIs, a level-triggered EOI is reported in VcpuReport::ioapic_eois.
 //
 // The guest is untrusted: a record at a bad address, an unknown port, MMIO outside guest memory, a triple fault or an
 // ERROR record ends the VM with an error that names the vCPU, the exit and the guest RIP — never a crash or hang.
@@ -23,6 +25,7 @@
 #include "vcpu/interrupt_injector.h"
 #include "vcpu/kvm.h"
 #include "vcpu/vcpu.h"
+#include "vcpu/user_irqchip.h"
 #include "vcpu/vcpu_thread.h"
 #include "vcpu/vm.h"
 
@@ -36,13 +39,15 @@ struct ProbeVmConfig {
   guest::aggvm_workload workload = guest::AGGVM_WORKLOAD_HELLO;
   uint32_t iterations = 0;   // ipi-pingpong rounds, exit-loop iterations
   bool x2apic = true;        // else xAPIC (MMIO at 0xFEE00000)
+  /// Where the LAPICs live: KVM's (split irqchip) or userspace models (KVM_INTERRUPT). See vcpu/interrupt_injector.h.
+  vcpu::IrqchipMode irqchip = vcpu::IrqchipMode::kKernel;
   VcpuIndex ping_vcpu{0};
   VcpuIndex pong_vcpu{1};
   Vector ipi_vector{0x40};
   uint64_t memory_bytes = 64ull << 20;  // guest RAM from GPA 0 (must stay below 3 GiB: 0xC0000000 stays unmapped)
   /// Called on the vCPU's thread for every valid record (latency measurements hook here). Keep it short.
   std::function<void(VcpuIndex, const Record&)> on_record;
-  /// Called on the vCPU's thread for KVM_EXIT_IOAPIC_EOI.
+  /// Called on the vCPU's thread for a level-triggered EOI (KVM_EXIT_IOAPIC_EOI, or the user irqchip's broadcast).
   std::function<void(VcpuIndex, Vector)> on_ioapic_eoi;
 };
 
@@ -83,6 +88,9 @@ class ProbeVm {
   /// The spin workload's heartbeat counter of `index` (AGGVM_STATUS_GPA + 8 * index).
   [[nodiscard]] uint64_t Heartbeat(VcpuIndex index);
 
+  [[nodiscard]] vcpu::IrqchipMode irqchip_mode() const { return config_.irqchip; }
+  /// The userspace LAPICs (user mode only; nullptr in kernel mode).
+  vcpu::UserIrqchip* user_irqchip() { return user_irqchip_.get(); }
   vcpu::Vm& vm() { return vm_; }
   vcpu::InterruptInjector& injector() { return *injector_; }
   vcpu::VcpuThread& thread(VcpuIndex index) { return *threads_.at(index.value()); }
@@ -99,6 +107,7 @@ class ProbeVm {
   vcpu::Kvm kvm_;
   vcpu::Vm vm_;
   vcpu::GuestMemory mem_;
+  std::unique_ptr<vcpu::UserIrqchip> user_irqchip_;  // user mode; the threads below use it
   std::unique_ptr<vcpu::InterruptInjector> injector_;
   std::vector<vcpu::Vcpu> vcpus_;
   std::vector<std::unique_ptr<vcpu::VcpuThread>> threads_;

@@ -44,6 +44,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const StandaloneOptions& options)
   config.workload = *workload;
   config.iterations = iterations;
   config.x2apic = !options.xapic;
+  config.irqchip = options.irqchip;
   config.ipi_vector = kIpiVector;
   IrqProbe probe;
   if (*workload == guest::AGGVM_WORKLOAD_IRQ_SINK) probe.Attach(config);
@@ -54,11 +55,13 @@ absl::StatusOr<StandaloneResult> RunStandalone(const StandaloneOptions& options)
 
   StandaloneResult result;
   result.workload = options.workload;
+  result.irqchip = vcpu::IrqchipModeName(options.irqchip);
   result.vcpus = options.vcpus;
   result.tsc_khz = (*vm)->tsc_khz();
   if (*workload == guest::AGGVM_WORKLOAD_IRQ_SINK) {
     const VcpuIndex target(options.vcpus - 1);
-    for (auto [path, name] : {std::pair{MsiPath::kSignalMsi, "KVM_SIGNAL_MSI"}, std::pair{MsiPath::kIrqFd, "irqfd"}}) {
+    for (MsiPath path : MsiPathsFor(options.irqchip)) {
+      const char* name = MsiPathName(path, options.irqchip);
       auto samples = probe.Measure(**vm, target, kMsiVector, iterations, path, options.timeout);
       if (!samples.ok()) return samples.status();
       result.measurements.push_back(
@@ -90,8 +93,8 @@ absl::StatusOr<StandaloneResult> RunStandalone(const StandaloneOptions& options)
 }
 
 std::string FormatResult(const StandaloneResult& result) {
-  std::string out = fmt::format("workload {} on {} vCPU(s), guest TSC {} kHz\n", result.workload, result.vcpus,
-                                result.tsc_khz);
+  std::string out = fmt::format("workload {} on {} vCPU(s), {} irqchip, guest TSC {} kHz\n", result.workload,
+                                result.vcpus, result.irqchip, result.tsc_khz);
   for (const auto& line : result.console) out += fmt::format("  {}\n", line);
   if (!result.measurements.empty()) {
     out += fmt::format("  {:<48} {:>7} {:>9} {:>9} {:>9} {:>9}\n", "measurement (µs)", "n", "p50", "p99", "min", "max");
@@ -107,6 +110,7 @@ nlohmann::json ResultToJson(const StandaloneResult& result) {
   nlohmann::json j;
   j["workload"] = result.workload;
   j["vcpus"] = result.vcpus;
+  j["irqchip"] = result.irqchip;
   j["tsc_khz"] = result.tsc_khz;
   j["console"] = result.console;
   j["measurements"] = nlohmann::json::array();

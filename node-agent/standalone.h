@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/stats.h"
+#include "vcpu/interrupt_injector.h"
 
 namespace aggvm::agent {
 
@@ -19,6 +20,7 @@ struct StandaloneOptions {
   std::string workload = "hello";
   uint32_t iterations = 0;  // 0: the workload's default (1000)
   bool xapic = false;
+  vcpu::IrqchipMode irqchip = vcpu::IrqchipMode::kKernel;
   absl::Duration timeout = absl::Seconds(120);
 };
 
@@ -29,6 +31,7 @@ struct Measurement {
 
 struct StandaloneResult {
   std::string workload;
+  std::string irqchip;  // "kernel" / "user"
   uint32_t vcpus = 0;
   uint64_t tsc_khz = 0;
   std::vector<std::string> console;  // "vcpu N: line"

@@ -1,15 +1,29 @@
 // How the VMM puts an interrupt into the guest's local APICs, independent of where the LAPICs live.
 //
 // `kernel` irqchip mode (KernelIrqchipInjector, this folder): the LAPICs are KVM's (split irqchip); an MSI goes in
-// with KVM_SIGNAL_MSI and KVM delivers it (posted interrupts on APICv hosts). A later `user` mode (LAPIC models in
-// userspace, injection with KVM_INTERRUPT) implements the same interface, so callers — the runner, the interrupt
-// router, a forwarded remote IPI — never know which mode runs.
+// with KVM_SIGNAL_MSI and KVM delivers it (posted interrupts on APICv hosts). `user` mode (UserIrqchipInjector,
+// user_irqchip.h: LAPIC models in userspace, injection with KVM_INTERRUPT) implements the same interface, so callers
+// — the runner, the interrupt router, a forwarded remote IPI — never know which mode runs.
 #pragma once
 
+#include <cstdint>
+#include <string_view>
+
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "vcpu/msi.h"
 
 namespace aggvm::vcpu {
+
+/// Where a VM's local APICs live, chosen per VM.
+///   kKernel: KVM's LAPICs (split irqchip); injection with KVM_SIGNAL_MSI / irqfd (KernelIrqchipInjector).
+///   kUser:   no in-kernel irqchip; one irqchip::LocalApic model per vCPU in this process, injection with
+///            KVM_INTERRUPT (UserIrqchip / UserIrqchipInjector in user_irqchip.h).
+enum class IrqchipMode : uint8_t { kKernel, kUser };
+/// "kernel" or "user".
+const char* IrqchipModeName(IrqchipMode mode);
+/// Parses "kernel" / "user"; InvalidArgument naming the accepted values otherwise.
+absl::StatusOr<IrqchipMode> ParseIrqchipMode(std::string_view name);
 
 class Vm;
 

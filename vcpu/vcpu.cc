@@ -88,6 +88,21 @@ void Vcpu::StageRegs(const kvm_regs& regs) {
   run_->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 }
 
+absl::Status Vcpu::Interrupt(Vector vector) {
+  kvm_interrupt irq{};
+  irq.irq = vector.value();
+  if (::ioctl(fd_.get(), KVM_INTERRUPT, &irq) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("KVM_INTERRUPT(vector ", vector.value(), ") on vCPU ", id_.value()),
+                       "only without an in-kernel irqchip, and only when ready_for_interrupt_injection");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Vcpu::Nmi() {
+  if (::ioctl(fd_.get(), KVM_NMI, 0) != 0) return ErrnoStatus(errno, absl::StrCat("KVM_NMI on vCPU ", id_.value()));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<VcpuExit> Vcpu::Run() {
   if (::ioctl(fd_.get(), KVM_RUN, 0) != 0) {
     if (errno == EINTR || errno == EAGAIN) return VcpuExit{Kicked{}};

@@ -50,6 +50,20 @@ class Vcpu {
   /// The registers as of the last exit (valid after EnableSyncRegs()).
   [[nodiscard]] const kvm_regs& regs() const { return run_->s.regs.regs; }
 
+  // ---- Interrupt injection without an in-kernel LAPIC (user irqchip mode; api.rst "KVM_INTERRUPT", kvm_run
+  // "request_interrupt_window", "ready_for_interrupt_injection", "if_flag"). vCPU thread only. ----
+  /// KVM_INTERRUPT: queues external interrupt `vector` for the next KVM_RUN. Only when
+  /// ready_for_interrupt_injection() said so since the last exit; AlreadyExists (EEXIST) if one is still queued.
+  absl::Status Interrupt(Vector vector);
+  /// KVM_NMI: queues an NMI.
+  absl::Status Nmi();
+  /// As of the last exit: the guest can take an external interrupt now (IF = 1, no interrupt shadow, none queued).
+  [[nodiscard]] bool ready_for_interrupt_injection() const { return run_->ready_for_interrupt_injection != 0; }
+  /// As of the last exit: RFLAGS.IF.
+  [[nodiscard]] bool interrupt_flag() const { return run_->if_flag != 0; }
+  /// While set, KVM_RUN returns KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can take an interrupt.
+  void RequestInterruptWindow(bool on) { run_->request_interrupt_window = on ? 1 : 0; }
+
   /// KVM_RUN, then decodes the exit. EINTR (a kick) is the Kicked exit, not an error.
   absl::StatusOr<VcpuExit> Run();
   /// kvm_run->immediate_exit: while set, KVM_RUN returns EINTR at once. Any thread.

@@ -12,6 +12,21 @@ uint32_t IoOut::Value() const {
   return v;
 }
 
+namespace {
+MsrExitReason DecodeMsrReason(uint32_t reason) {
+  switch (reason) {
+    case KVM_MSR_EXIT_REASON_UNKNOWN:
+      return MsrExitReason::kUnknown;
+    case KVM_MSR_EXIT_REASON_INVAL:
+      return MsrExitReason::kInvalid;
+    case KVM_MSR_EXIT_REASON_FILTER:
+      return MsrExitReason::kFilter;
+    default:
+      return MsrExitReason::kOther;
+  }
+}
+}  // namespace
+
 VcpuExit DecodeExit(kvm_run& run, size_t mmap_size) {
   switch (run.exit_reason) {
     case KVM_EXIT_IO: {
@@ -55,6 +70,13 @@ VcpuExit DecodeExit(kvm_run& run, size_t mmap_size) {
       return IrqWindowOpen{};
     case KVM_EXIT_SYSTEM_EVENT:
       return SystemEvent{run.system_event.type};
+    case KVM_EXIT_X86_RDMSR:
+      run.msr.error = 0;  // default: the read succeeds (with whatever Reply() puts in data)
+      run.msr.data = 0;
+      return MsrRead{run.msr.index, DecodeMsrReason(run.msr.reason), &run.msr.data, &run.msr.error};
+    case KVM_EXIT_X86_WRMSR:
+      run.msr.error = 0;
+      return MsrWrite{run.msr.index, DecodeMsrReason(run.msr.reason), run.msr.data, &run.msr.error};
     default:
       return UnknownExit{run.exit_reason, "exit reason not handled by aggvm"};
   }
@@ -82,6 +104,8 @@ struct Describer {
   std::string operator()(const Kicked&) const { return "kicked (EINTR)"; }
   std::string operator()(const IrqWindowOpen&) const { return "interrupt window open"; }
   std::string operator()(const SystemEvent& e) const { return fmt::format("system event type {}", e.type); }
+  std::string operator()(const MsrRead& e) const { return fmt::format("RDMSR {:#x}", e.index); }
+  std::string operator()(const MsrWrite& e) const { return fmt::format("WRMSR {:#x} value {:#x}", e.index, e.value); }
   std::string operator()(const UnknownExit& e) const { return fmt::format("exit reason {}: {}", e.reason, e.detail); }
 };
 }  // namespace

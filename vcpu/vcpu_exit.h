@@ -43,11 +43,12 @@ struct MmioWrite {
   GuestAddress gpa;
   std::span<const uint8_t> data;
 };
-/// Split irqchip: the guest EOI'd a level-triggered vector that a userspace IOAPIC (or a level MSI route) owns.
+/// The guest EOI'd a level-triggered vector that a userspace IOAPIC (or a level MSI route) owns. Split irqchip:
+/// KVM_EXIT_IOAPIC_EOI. User irqchip: the LocalApic model's EOI broadcast, surfaced as this same exit.
 struct IoapicEoi {
   Vector vector;
 };
-/// HLT with no in-kernel LAPIC.
+/// HLT with no in-kernel LAPIC (KVM_EXIT_HLT). RIP is already past the HLT.
 struct Hlt {};
 /// Triple fault (SDM vol. 3, 6.15 "Double Fault Exception": a fault while delivering #DF shuts the CPU down).
 struct Shutdown {};
@@ -64,6 +65,35 @@ struct FailEntry {
 struct Kicked {};
 /// The guest can accept an interrupt now (request_interrupt_window; userspace LAPIC mode).
 struct IrqWindowOpen {};
+/// Why an MSR access exited to userspace (KVM_CAP_X86_USER_SPACE_MSR; api.rst, "KVM_EXIT_X86_RDMSR / WRMSR").
+enum class MsrExitReason : uint8_t {
+  kUnknown,  // KVM_MSR_EXIT_REASON_UNKNOWN: KVM does not know the MSR
+  kInvalid,  // KVM_MSR_EXIT_REASON_INVAL: KVM would inject #GP (e.g. x2APIC MSRs without an in-kernel LAPIC)
+  kFilter,   // KVM_MSR_EXIT_REASON_FILTER: denied by the VM's MSR filter (KVM_X86_SET_MSR_FILTER)
+  kOther,    // a reason this VMM does not know
+};
+/// RDMSR that userspace completes: Reply(value) or InjectGp(). Exactly one of them before the next KVM_RUN;
+/// without either the guest reads 0.
+struct MsrRead {
+  uint32_t index = 0;
+  MsrExitReason reason = MsrExitReason::kOther;
+  __u64* data = nullptr;     // into kvm_run
+  uint8_t* error = nullptr;  // into kvm_run
+  void Reply(uint64_t value) const {
+    *data = value;
+    *error = 0;
+  }
+  /// KVM injects #GP into the guest on the next KVM_RUN (the MSR-exit protocol: kvm_run->msr.error = 1).
+  void InjectGp() const { *error = 1; }
+};
+/// WRMSR (edx:eax in `value`) that userspace completes: nothing to do to accept it, InjectGp() to refuse it.
+struct MsrWrite {
+  uint32_t index = 0;
+  MsrExitReason reason = MsrExitReason::kOther;
+  uint64_t value = 0;
+  uint8_t* error = nullptr;  // into kvm_run
+  void InjectGp() const { *error = 1; }
+};
 /// PSCI-like system event (KVM_SYSTEM_EVENT_SHUTDOWN / RESET / CRASH ...).
 struct SystemEvent {
   uint32_t type = 0;
@@ -75,7 +105,7 @@ struct UnknownExit {
 };
 
 using VcpuExit = std::variant<IoIn, IoOut, MmioRead, MmioWrite, IoapicEoi, Hlt, Shutdown, InternalError, FailEntry,
-                              Kicked, IrqWindowOpen, SystemEvent, UnknownExit>;
+                              Kicked, IrqWindowOpen, SystemEvent, MsrRead, MsrWrite, UnknownExit>;
 
 /// Decodes the exit in `run` (a kvm_run mapping of `mmap_size` bytes). Port data outside the mapping is refused as
 /// UnknownExit rather than trusted.

@@ -100,5 +100,46 @@ TEST(VcpuExit, DecodesMmioEoiAndFaults) {
   EXPECT_NE(DescribeExit(e).find("9999"), std::string::npos);
 }
 
+TEST(VcpuExit, RdmsrReplyAndGpGoIntoRunPage) {
+  FakeRun f;
+  f.run().exit_reason = KVM_EXIT_X86_RDMSR;
+  f.run().msr.reason = KVM_MSR_EXIT_REASON_FILTER;
+  f.run().msr.index = 0x1B;
+  f.run().msr.error = 1;  // stale value from an earlier exit: decoding resets it
+  VcpuExit e = DecodeExit(f.run(), FakeRun::kSize);
+  auto* rd = std::get_if<MsrRead>(&e);
+  ASSERT_NE(rd, nullptr) << DescribeExit(e);
+  EXPECT_EQ(rd->index, 0x1Bu);
+  EXPECT_EQ(rd->reason, MsrExitReason::kFilter);
+  EXPECT_EQ(f.run().msr.error, 0);
+  rd->Reply(0xFEE00900);
+  EXPECT_EQ(f.run().msr.data, 0xFEE00900u);
+  EXPECT_EQ(f.run().msr.error, 0);
+  rd->InjectGp();
+  EXPECT_EQ(f.run().msr.error, 1);
+}
+
+TEST(VcpuExit, WrmsrCarriesValueAndReason) {
+  FakeRun f;
+  f.run().exit_reason = KVM_EXIT_X86_WRMSR;
+  f.run().msr.reason = KVM_MSR_EXIT_REASON_INVAL;
+  f.run().msr.index = 0x830;
+  f.run().msr.data = (3ull << 32) | 0x4040;  // x2APIC ICR: destination in the high dword
+  VcpuExit e = DecodeExit(f.run(), FakeRun::kSize);
+  auto* wr = std::get_if<MsrWrite>(&e);
+  ASSERT_NE(wr, nullptr) << DescribeExit(e);
+  EXPECT_EQ(wr->index, 0x830u);
+  EXPECT_EQ(wr->reason, MsrExitReason::kInvalid);
+  EXPECT_EQ(wr->value >> 32, 3u);
+  EXPECT_EQ(f.run().msr.error, 0);
+  wr->InjectGp();
+  EXPECT_EQ(f.run().msr.error, 1);
+  EXPECT_NE(DescribeExit(e).find("WRMSR 0x830"), std::string::npos) << DescribeExit(e);
+
+  f.run().msr.reason = 0x80;
+  e = DecodeExit(f.run(), FakeRun::kSize);
+  EXPECT_EQ(std::get<MsrWrite>(e).reason, MsrExitReason::kOther);
+}
+
 }  // namespace
 }  // namespace aggvm::vcpu

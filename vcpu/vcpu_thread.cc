@@ -28,7 +28,8 @@ absl::Status InstallKickHandler() {
 
 int KickSignal() { return SIGRTMIN; }
 
-VcpuThread::VcpuThread(Vcpu& vcpu, ExitHandler handler) : vcpu_(vcpu), handler_(std::move(handler)) {}
+VcpuThread::VcpuThread(Vcpu& vcpu, ExitHandler handler, VcpuInterruptHooks* hooks)
+    : vcpu_(vcpu), handler_(std::move(handler)), hooks_(hooks) {}
 
 VcpuThread::~VcpuThread() {
   Stop();
@@ -79,8 +80,14 @@ void VcpuThread::Kick() {
   // immediate_exit before it reloads desired_, so it either sees the new desired_ or enters KVM_RUN with
   // immediate_exit set (an immediate EINTR) or is inside the guest when the signal lands (EINTR).
   vcpu_.SetImmediateExit(true);
+  if (hooks_ != nullptr) hooks_->Wake();  // a vCPU sleeping through a guest HLT in userspace
   std::lock_guard l(mu_);
   if (thread_.joinable() && state_ != State::kStopped) ::pthread_kill(thread_.native_handle(), KickSignal());
+}
+
+bool VcpuThread::started() const {
+  std::lock_guard l(mu_);
+  return thread_.joinable();
 }
 
 VcpuThread::State VcpuThread::state() const {
@@ -133,7 +140,14 @@ void VcpuThread::Loop() {
       published_running = true;
     }
 
+    if (hooks_ != nullptr) {
+      if (absl::Status s = hooks_->BeforeRun(); !s.ok()) {
+        why = std::move(s);
+        break;
+      }
+    }
     auto exit = vcpu_.Run();
+    if (hooks_ != nullptr) hooks_->AfterRun();
     if (!exit.ok()) {
       why = exit.status();
       break;
@@ -144,6 +158,7 @@ void VcpuThread::Loop() {
       continue;
     }
     exits_.fetch_add(1, std::memory_order_relaxed);
+    if (hooks_ != nullptr && hooks_->OnExit(*exit) == VcpuInterruptHooks::Disposition::kHandled) continue;
     ExitAction action = handler_(*exit);
     if (action.finish) {
       why = std::move(action.status);

@@ -10,6 +10,10 @@
 // the Kicked exit, never a failure. Stopped is final.
 //
 // Every other exit goes to the ExitHandler on the vCPU thread; it returns Continue or Finish(status).
+//
+// In `user` irqchip mode the vCPU's local APIC lives in userspace: VcpuInterruptHooks (user_irqchip.h) inject before
+// each entry, take the APIC's exits (MSR, APIC MMIO, HLT, interrupt window) before the ExitHandler sees them, and
+// sleep through a guest HLT. Kick() then also ends such a userspace halt.
 #pragma once
 
 #include <pthread.h>
@@ -28,6 +32,23 @@
 
 namespace aggvm::vcpu {
 
+/// Interrupt delivery done in userspace for one vCPU (no in-kernel LAPIC). Called by its VcpuThread.
+class VcpuInterruptHooks {
+ public:
+  enum class Disposition : uint8_t { kHandled, kPass };
+  virtual ~VcpuInterruptHooks() = default;
+  /// vCPU thread, right before each KVM_RUN: inject what is pending (KVM_INTERRUPT) or request an interrupt window.
+  /// An error ends the thread.
+  virtual absl::Status BeforeRun() = 0;
+  /// vCPU thread, right after each KVM_RUN returned, whatever it returned.
+  virtual void AfterRun() = 0;
+  /// vCPU thread, every exit but Kicked. kHandled: consumed (may have slept through a HLT); kPass: `exit`, possibly
+  /// rewritten (an EOI broadcast becomes IoapicEoi), goes to the ExitHandler.
+  virtual Disposition OnExit(VcpuExit& exit) = 0;
+  /// Any thread: end a userspace halt wait now (the VcpuThread has a new command).
+  virtual void Wake() = 0;
+};
+
 class VcpuThread {
  public:
   enum class State : uint8_t { kCreated, kRunning, kPaused, kStopped };
@@ -41,8 +62,8 @@ class VcpuThread {
   };
   using ExitHandler = std::function<ExitAction(VcpuExit&)>;
 
-  /// `vcpu` must outlive this object. The thread starts with Start().
-  VcpuThread(Vcpu& vcpu, ExitHandler handler);
+  /// `vcpu` (and `hooks`, when given) must outlive this object. The thread starts with Start().
+  VcpuThread(Vcpu& vcpu, ExitHandler handler, VcpuInterruptHooks* hooks = nullptr);
   /// Stops and joins the thread.
   ~VcpuThread();
   VcpuThread(const VcpuThread&) = delete;
@@ -58,6 +79,8 @@ class VcpuThread {
   void Kick();
 
   [[nodiscard]] State state() const;
+  /// True once Start() launched the thread (its state may still read kCreated for a moment).
+  [[nodiscard]] bool started() const;
   /// True once the thread is in `want` (Stopped also ends the wait, returning want == kStopped).
   bool WaitForState(State want, absl::Duration timeout);
   /// Why the thread stopped (OK for Stop() or a clean finish); DeadlineExceeded if it has not stopped by then.
@@ -72,6 +95,7 @@ class VcpuThread {
 
   Vcpu& vcpu_;
   ExitHandler handler_;
+  VcpuInterruptHooks* hooks_ = nullptr;
   std::thread thread_;
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -35,6 +35,39 @@ absl::Status Vm::EnableX2apicApi(uint64_t flags) {
   return absl::OkStatus();
 }
 
+absl::Status Vm::EnableUserSpaceMsr(uint32_t reasons) {
+  kvm_enable_cap cap{};
+  cap.cap = KVM_CAP_X86_USER_SPACE_MSR;
+  cap.args[0] = reasons;
+  if (::ioctl(fd_.get(), KVM_ENABLE_CAP, &cap) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR, ", absl::Hex(reasons), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Vm::DenyMsrs(std::span<const uint32_t> deny) {
+  if (deny.size() > KVM_MSR_FILTER_MAX_RANGES) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MSR filter: ", deny.size(), " MSRs to deny, KVM takes at most ", KVM_MSR_FILTER_MAX_RANGES));
+  }
+  // One single-MSR range per denied MSR; its bitmap bit 0 is 0 = deny (api.rst, KVM_X86_SET_MSR_FILTER). KVM copies
+  // the bitmaps during the ioctl.
+  uint8_t deny_bitmap = 0;
+  kvm_msr_filter filter{};
+  filter.flags = KVM_MSR_FILTER_DEFAULT_ALLOW;
+  for (size_t i = 0; i < deny.size(); ++i) {
+    filter.ranges[i].flags = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE;
+    filter.ranges[i].nmsrs = 1;
+    filter.ranges[i].base = deny[i];
+    filter.ranges[i].bitmap = &deny_bitmap;
+  }
+  if (::ioctl(fd_.get(), KVM_X86_SET_MSR_FILTER, &filter) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("KVM_X86_SET_MSR_FILTER (", deny.size(), " MSRs denied)"),
+                       "needs KVM_CAP_X86_MSR_FILTER");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Vcpu> Vm::CreateVcpu(ApicId id) {
   UniqueFd fd(::ioctl(fd_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(id.value())));
   if (!fd.valid()) return ErrnoStatus(errno, absl::StrCat("KVM_CREATE_VCPU(", id.value(), ")"));

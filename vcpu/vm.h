@@ -36,6 +36,13 @@ class Vm {
   /// KVM_ENABLE_CAP(KVM_CAP_X2APIC_API, flags): KVM_X2APIC_API_USE_32BIT_IDS makes MSI address_hi carry destination
   /// bits 31:8. Before the first vCPU.
   absl::Status EnableX2apicApi(uint64_t flags);
+  /// KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR, reasons): MSR accesses KVM would fail (KVM_MSR_EXIT_REASON_INVAL),
+  /// does not know (_UNKNOWN) or that the MSR filter denies (_FILTER) exit to userspace as KVM_EXIT_X86_RDMSR /
+  /// WRMSR instead of raising #GP in the guest.
+  absl::Status EnableUserSpaceMsr(uint32_t reasons);
+  /// KVM_X86_SET_MSR_FILTER with default allow, denying reads and writes of each MSR in `deny` (at most 16). With
+  /// EnableUserSpaceMsr(KVM_MSR_EXIT_REASON_FILTER) those accesses exit to userspace.
+  absl::Status DenyMsrs(std::span<const uint32_t> deny);
   /// KVM_CREATE_VCPU with vCPU id = APIC ID, mapping its kvm_run.
   absl::StatusOr<Vcpu> CreateVcpu(ApicId id);
   /// KVM_SIGNAL_MSI. True = delivered to at least one LAPIC; false = the guest blocked it (no matching destination,

@@ -1,7 +1,9 @@
-// KVM interrupt-path latencies on this node, with their baseline measured in the same run:
-//   - host KVM_SIGNAL_MSI (and irqfd) -> guest handler entry, and -> the handler's record seen by the VMM;
-//   - local IPI round trip between two vCPUs (guest rdtsc);
+// KVM interrupt-path latencies on this node, for both irqchip modes, with their baseline measured in the same run:
+//   - host MSI -> guest handler entry, and -> the handler's record seen by the VMM: kernel mode through
+//     KVM_SIGNAL_MSI and irqfd, user mode through the userspace LAPIC router + KVM_INTERRUPT;
+//   - local IPI round trip between two vCPUs (guest rdtsc), in each mode;
 //   - baseline: a bare exit round trip (OUT to the NOP port, guest rdtsc around it).
+// --irqchip kernel|user|both (default both) selects the modes.
 // Prints a table; --json FILE writes the same numbers.
 #include <cstdio>
 #include <fstream>
@@ -22,14 +24,16 @@ using namespace aggvm;
 using namespace aggvm::agent;
 
 struct Row {
+  std::string irqchip;
   std::string name;
   Summary us;
 };
 
-absl::StatusOr<std::vector<double>> RunRecordWorkload(const std::string& elf, guest::aggvm_workload w, uint32_t n,
-                                                      VcpuIndex from) {
+absl::StatusOr<std::vector<double>> RunRecordWorkload(const std::string& elf, vcpu::IrqchipMode mode,
+                                                      guest::aggvm_workload w, uint32_t n, VcpuIndex from) {
   ProbeVmConfig c;
   c.guest_elf = elf;
+  c.irqchip = mode;
   c.workload = w;
   c.num_vcpus = 2;
   c.iterations = n;
@@ -43,10 +47,12 @@ absl::StatusOr<std::vector<double>> RunRecordWorkload(const std::string& elf, gu
                                                   : ExitRoundTripsUs(report, (*vm)->tsc_khz());
 }
 
-absl::Status Run(const std::string& elf, uint32_t samples, std::vector<Row>& rows) {
+absl::Status RunMode(const std::string& elf, vcpu::IrqchipMode mode, uint32_t samples, std::vector<Row>& rows) {
+  const std::string m = vcpu::IrqchipModeName(mode);
   {
     ProbeVmConfig c;
     c.guest_elf = elf;
+    c.irqchip = mode;
     c.workload = guest::AGGVM_WORKLOAD_IRQ_SINK;
     c.num_vcpus = 2;
     IrqProbe probe;
@@ -54,20 +60,32 @@ absl::Status Run(const std::string& elf, uint32_t samples, std::vector<Row>& row
     auto vm = ProbeVm::Create(c);
     if (!vm.ok()) return vm.status();
     if (auto s = (*vm)->Start(); !s.ok()) return s;
-    for (auto [path, name] : {std::pair{MsiPath::kSignalMsi, "KVM_SIGNAL_MSI"}, std::pair{MsiPath::kIrqFd, "irqfd"}}) {
+    for (MsiPath path : MsiPathsFor(mode)) {
+      const char* name = MsiPathName(path, mode);
       auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), samples, path, absl::Seconds(600));
       if (!r.ok()) return r.status();
-      rows.push_back({fmt::format("{} -> guest handler entry", name), Summarize(r->to_handler_us)});
-      rows.push_back({fmt::format("{} -> handler's record seen by VMM", name), Summarize(r->to_vmm_us)});
+      rows.push_back({m, fmt::format("{} -> guest handler entry", name), Summarize(r->to_handler_us)});
+      rows.push_back({m, fmt::format("{} -> handler's record seen by VMM", name), Summarize(r->to_vmm_us)});
     }
     (*vm)->Stop();
   }
-  auto ipi = RunRecordWorkload(elf, guest::AGGVM_WORKLOAD_IPI_PINGPONG, samples, VcpuIndex(0));
+  auto ipi = RunRecordWorkload(elf, mode, guest::AGGVM_WORKLOAD_IPI_PINGPONG, samples, VcpuIndex(0));
   if (!ipi.ok()) return ipi.status();
-  rows.push_back({"local IPI round trip (guest rdtsc)", Summarize(*ipi)});
-  auto exits = RunRecordWorkload(elf, guest::AGGVM_WORKLOAD_EXIT_LOOP, samples, VcpuIndex(0));
+  rows.push_back({m, "local IPI round trip (guest rdtsc)", Summarize(*ipi)});
+  return absl::OkStatus();
+}
+
+absl::Status Run(const std::string& elf, const std::vector<vcpu::IrqchipMode>& modes, uint32_t samples,
+                 std::vector<Row>& rows) {
+  for (vcpu::IrqchipMode mode : modes) {
+    if (auto s = RunMode(elf, mode, samples, rows); !s.ok()) {
+      return absl::Status(s.code(), fmt::format("{} irqchip: {}", vcpu::IrqchipModeName(mode), std::string(s.message())));
+    }
+  }
+  auto exits = RunRecordWorkload(elf, vcpu::IrqchipMode::kKernel, guest::AGGVM_WORKLOAD_EXIT_LOOP, samples,
+                                 VcpuIndex(0));
   if (!exits.ok()) return exits.status();
-  rows.push_back({"baseline: bare exit round trip (PIO)", Summarize(*exits)});
+  rows.push_back({"-", "baseline: bare exit round trip (PIO)", Summarize(*exits)});
   return absl::OkStatus();
 }
 
@@ -81,19 +99,26 @@ int main(int argc, char** argv) {
   app.add_option("--samples", samples, "samples per measurement")->capture_default_str();
   app.add_option("--json", json_file, "write results as JSON to this file");
   app.add_option("--guest", elf, "probe guest ELF")->capture_default_str();
+  std::string irqchip = "both";
+  app.add_option("--irqchip", irqchip, "irqchip modes to measure: kernel | user | both")
+      ->check(CLI::IsMember({"kernel", "user", "both"}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  std::vector<vcpu::IrqchipMode> modes;
+  if (irqchip != "user") modes.push_back(vcpu::IrqchipMode::kKernel);
+  if (irqchip != "kernel") modes.push_back(vcpu::IrqchipMode::kUser);
 
   std::vector<Row> rows;
-  if (auto s = Run(elf, samples, rows); !s.ok()) {
+  if (auto s = Run(elf, modes, samples, rows); !s.ok()) {
     std::fprintf(stderr, "kvm_latency_bench: %s\n", s.ToString().c_str());
     return 1;
   }
-  std::printf("%-44s %7s %9s %9s %9s %9s\n", "latency (µs)", "n", "p50", "p90", "p99", "max");
+  std::printf("%-7s %-56s %7s %9s %9s %9s %9s\n", "irqchip", "latency (µs)", "n", "p50", "p90", "p99", "max");
   nlohmann::json j = nlohmann::json::array();
   for (const auto& r : rows) {
-    std::printf("%-44s %7zu %9.2f %9.2f %9.2f %9.2f\n", r.name.c_str(), r.us.count, r.us.p50, r.us.p90, r.us.p99,
-                r.us.max);
-    j.push_back({{"name", r.name}, {"unit", "us"}, {"count", r.us.count}, {"p50", r.us.p50}, {"p90", r.us.p90},
+    std::printf("%-7s %-56s %7zu %9.2f %9.2f %9.2f %9.2f\n", r.irqchip.c_str(), r.name.c_str(), r.us.count, r.us.p50,
+                r.us.p90, r.us.p99, r.us.max);
+    j.push_back({{"irqchip", r.irqchip}, {"name", r.name}, {"unit", "us"}, {"count", r.us.count}, {"p50", r.us.p50}, {"p90", r.us.p90},
                  {"p99", r.us.p99}, {"min", r.us.min}, {"max", r.us.max}, {"mean", r.us.mean}});
   }
   if (!json_file.empty()) {

@@ -1,5 +1,10 @@
 // Interrupts from the host reach the handler of the vCPU they address (checked from the guest's IRQ records), through
-// KVM_SIGNAL_MSI and through irqfd + GSI routing; level MSI routes exit as KVM_EXIT_IOAPIC_EOI; IPIs ping-pong.
+// the VM's InterruptInjector (KVM_SIGNAL_MSI in kernel irqchip mode, the userspace LAPICs + KVM_INTERRUPT in user
+// mode) and, in kernel mode, through irqfd + GSI routing; a level-triggered EOI is reported (KVM_EXIT_IOAPIC_EOI, or
+// the user irqchip's EOI broadcast); IPIs ping-pong. Each parametrized test runs in both irqchip modes, with the
+// guest's LAPIC in x2APIC and in xAPIC mode.
+#include <optional>
+
 #include "tests/kvm/probe_test_util.h"
 #include "tests/support/require.h"
 #include "vcpu/event_fd.h"
@@ -12,8 +17,8 @@ namespace {
 using agent::ProbeVm;
 using namespace std::chrono_literals;
 
-std::unique_ptr<ProbeVm> StartIrqSink(uint32_t vcpus) {
-  auto vm = ProbeVm::Create(ProbeConfig(guest::AGGVM_WORKLOAD_IRQ_SINK, vcpus));
+std::unique_ptr<ProbeVm> StartIrqSink(uint32_t vcpus, ApicSetup setup = {}) {
+  auto vm = ProbeVm::Create(ProbeConfig(guest::AGGVM_WORKLOAD_IRQ_SINK, vcpus, setup));
   EXPECT_TRUE(vm.ok()) << vm.status();
   if (!vm.ok()) return nullptr;
   EXPECT_TRUE((*vm)->Start().ok());
@@ -33,9 +38,11 @@ std::vector<agent::Record> IrqRecords(ProbeVm& vm, uint32_t index) {
   return out;
 }
 
-TEST(Interrupts, SignalMsiReachesAddressedVcpu) {
+class InterruptsTest : public ::testing::TestWithParam<ApicSetup> {};
+
+TEST_P(InterruptsTest, MsiReachesAddressedVcpu) {
   AGGVM_REQUIRE_KVM();
-  auto vm = StartIrqSink(3);
+  auto vm = StartIrqSink(3, GetParam());
   ASSERT_TRUE(vm);
   // vCPU 2 then vCPU 0, different vectors; vCPU 1 must see nothing.
   const std::pair<uint32_t, uint8_t> shots[] = {{2, 0x41}, {0, 0x42}, {2, 0x43}};
@@ -84,37 +91,57 @@ TEST(Interrupts, IrqfdReachesAddressedVcpu) {
   vm->Stop();
 }
 
-TEST(Interrupts, LevelMsiRouteExitsWithIoapicEoi) {
+// A level-triggered MSI's EOI comes back to the VMM as an IoapicEoi exit; an edge MSI's does not. Kernel mode: a
+// level MSI route behind an irqfd (KVM exits with KVM_EXIT_IOAPIC_EOI only for vectors of level routes). User mode:
+// the level MSI through the injector; the LocalApic's EOI broadcast is surfaced as the same exit.
+TEST_P(InterruptsTest, LevelMsiEoiIsReported) {
   AGGVM_REQUIRE_KVM();
-  auto vm = StartIrqSink(1);
+  const bool user = GetParam().irqchip == vcpu::IrqchipMode::kUser;
+  auto vm = StartIrqSink(1, GetParam());
   ASSERT_TRUE(vm);
   const ApicId dest = vm->apic_id(VcpuIndex(0));
-  const vcpu::GsiRoute route{Gsi(3), vcpu::FixedMsi(dest, Vector(0x70), vcpu::MsiTrigger::kLevel)};
-  ASSERT_TRUE(vm->vm().SetGsiRouting({&route, 1}).ok());
-  auto event = vcpu::EventFd::Create();
-  ASSERT_TRUE(event.ok());
-  auto irqfd = vcpu::IrqFd::Attach(vm->vm(), *event, Gsi(3));
-  ASSERT_TRUE(irqfd.ok()) << irqfd.status();
+  const vcpu::MsiMessage level_msi = vcpu::FixedMsi(dest, Vector(0x70), vcpu::MsiTrigger::kLevel);
+  std::optional<vcpu::EventFd> event;
+  std::optional<vcpu::IrqFd> irqfd;
+  if (!user) {
+    const vcpu::GsiRoute route{Gsi(3), level_msi};
+    ASSERT_TRUE(vm->vm().SetGsiRouting({&route, 1}).ok());
+    auto e = vcpu::EventFd::Create();
+    ASSERT_TRUE(e.ok());
+    event.emplace(*std::move(e));
+    auto f = vcpu::IrqFd::Attach(vm->vm(), *event, Gsi(3));
+    ASSERT_TRUE(f.ok()) << f.status();
+    irqfd.emplace(*std::move(f));
+  }
 
-  // An edge MSI first: handled, but its EOI stays in KVM.
+  // An edge MSI first: handled, but its EOI is not reported.
   ASSERT_TRUE(vm->injector().InjectMsi(vcpu::FixedMsi(dest, Vector(0x71))).ok());
   ASSERT_TRUE(WaitUntil([&] { return IrqRecords(*vm, 0).size() == 1; }, 10s));
-  // The level route: the guest's EOI of 0x70 comes back to the VMM.
-  ASSERT_TRUE(event->Signal().ok());
+  // The level one: the guest's EOI of 0x70 comes back to the VMM.
+  if (user) {
+    ASSERT_TRUE(vm->injector().InjectMsi(level_msi).ok());
+  } else {
+    ASSERT_TRUE(event->Signal().ok());
+  }
   ASSERT_TRUE(WaitUntil([&] { return !vm->report(VcpuIndex(0)).ioapic_eois.empty(); }, 10s));
+  std::this_thread::sleep_for(20ms);  // a second (wrong) report would show up here
   const auto r = vm->report(VcpuIndex(0));
   ASSERT_EQ(r.ioapic_eois.size(), 1u);
   EXPECT_EQ(r.ioapic_eois[0], Vector(0x70));
   const auto recs = IrqRecords(*vm, 0);
   ASSERT_EQ(recs.size(), 2u);
   EXPECT_EQ(recs[1].a, 0x70u);
+  if (user) {
+    EXPECT_EQ(vm->user_irqchip()->counters().eoi_broadcasts, 1u);
+  }
+  EXPECT_TRUE(vm->error().ok()) << vm->error();
   vm->Stop();
 }
 
-TEST(Interrupts, IpiPingPongCompletesRounds) {
+TEST_P(InterruptsTest, IpiPingPongCompletesRounds) {
   AGGVM_REQUIRE_KVM();
   constexpr uint32_t kRounds = 50;
-  auto config = ProbeConfig(guest::AGGVM_WORKLOAD_IPI_PINGPONG, 3);
+  auto config = ProbeConfig(guest::AGGVM_WORKLOAD_IPI_PINGPONG, 3, GetParam());
   config.iterations = kRounds;
   config.ping_vcpu = VcpuIndex(2);
   config.pong_vcpu = VcpuIndex(0);
@@ -140,7 +167,84 @@ TEST(Interrupts, IpiPingPongCompletesRounds) {
   EXPECT_EQ(CountRecords((*vm)->report(VcpuIndex(1)), guest::AGGVM_REC_PING_ROUND), 0u);
   const auto rtt = agent::PingPongRoundTripsUs(ping, (*vm)->tsc_khz());
   EXPECT_EQ(rtt.size(), kRounds);
+  if (GetParam().irqchip == vcpu::IrqchipMode::kUser) {
+    const auto c = (*vm)->user_irqchip()->counters();
+    EXPECT_EQ(c.ipis, 2u * kRounds) << "every ping and every pong went through the userspace router";
+    EXPECT_EQ(c.undelivered, 0u);
+    EXPECT_GE(c.injected, 2u * kRounds);
+  }
 }
+
+INSTANTIATE_TEST_SUITE_P(Irqchip, InterruptsTest, AllApicSetups(), ApicSetupName);
+
+// ---- user irqchip only: what the userspace router decides ----
+
+class UserIrqchipTest : public ::testing::TestWithParam<bool> {  // param: guest LAPIC in x2APIC mode
+ protected:
+  std::unique_ptr<ProbeVm> Start(uint32_t vcpus) { return StartIrqSink(vcpus, {vcpu::IrqchipMode::kUser, GetParam()}); }
+};
+
+// Physical destination 0xFF from an 8-bit MSI is a broadcast (SDM 11.6.2.1; x2APIC targets too, 11.12.9 / KVM).
+TEST_P(UserIrqchipTest, BroadcastMsiReachesEveryVcpu) {
+  AGGVM_REQUIRE_KVM();
+  auto vm = Start(3);
+  ASSERT_TRUE(vm);
+  ASSERT_TRUE(vm->injector().InjectMsi(vcpu::FixedMsi(ApicId(0xFF), Vector(0x48))).ok());
+  for (uint32_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(WaitUntil([&] { return IrqRecords(*vm, i).size() == 1; }, 10s)) << "vCPU " << i;
+    EXPECT_EQ(IrqRecords(*vm, i)[0].a, 0x48u);
+  }
+  vm->Stop();
+}
+
+// Lowest-priority delivery (data bits 10:8 = 001, SDM 11.6.2.4) to a broadcast destination: exactly one vCPU takes
+// each message.
+TEST_P(UserIrqchipTest, LowestPriorityMsiReachesExactlyOneVcpu) {
+  AGGVM_REQUIRE_KVM();
+  constexpr uint32_t kVcpus = 3;
+  constexpr uint32_t kShots = 6;
+  auto vm = Start(kVcpus);
+  ASSERT_TRUE(vm);
+  auto total = [&] {
+    size_t n = 0;
+    for (uint32_t i = 0; i < kVcpus; ++i) n += IrqRecords(*vm, i).size();
+    return n;
+  };
+  for (uint32_t shot = 0; shot < kShots; ++shot) {
+    vcpu::MsiMessage msi = vcpu::FixedMsi(ApicId(0xFF), Vector(0x60));
+    msi.data |= 1u << 8;  // lowest priority
+    ASSERT_TRUE(vm->injector().InjectMsi(msi).ok());
+    ASSERT_TRUE(WaitUntil([&] { return total() >= shot + 1; }, 10s)) << "shot " << shot;
+  }
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(total(), kShots) << "a lowest-priority message reached more than one vCPU";
+  vm->Stop();
+}
+
+// What is not an APIC message is refused with a reason, counted, and nothing reaches the guest.
+TEST_P(UserIrqchipTest, BadMsiIsRefusedAndCounted) {
+  AGGVM_REQUIRE_KVM();
+  auto vm = Start(1);
+  ASSERT_TRUE(vm);
+  vcpu::MsiMessage not_apic = vcpu::FixedMsi(ApicId(0), Vector(0x50));
+  not_apic.address_lo = 0xFED00000;
+  const absl::Status s = vm->injector().InjectMsi(not_apic);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  vcpu::MsiMessage reserved_mode = vcpu::FixedMsi(ApicId(0), Vector(0x50));
+  reserved_mode.data |= 3u << 8;  // delivery mode 011b is reserved (SDM 11.11.2)
+  EXPECT_EQ(vm->injector().InjectMsi(reserved_mode).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(vm->user_irqchip()->counters().bad_msis, 2u);
+  // There is no in-kernel irqchip in this mode: KVM itself refuses to deliver an MSI.
+  EXPECT_FALSE(vm->vm().SignalMsi(vcpu::FixedMsi(ApicId(0), Vector(0x50))).value_or(false));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_TRUE(IrqRecords(*vm, 0).empty());
+  EXPECT_TRUE(vm->error().ok()) << vm->error();
+  vm->Stop();
+}
+
+std::string GuestApicModeName(const ::testing::TestParamInfo<bool>& p) { return p.param ? "X2apic" : "Xapic"; }
+
+INSTANTIATE_TEST_SUITE_P(GuestApicMode, UserIrqchipTest, ::testing::Bool(), GuestApicModeName);
 
 }  // namespace
 }  // namespace aggvm::testing

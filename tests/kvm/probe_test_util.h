@@ -4,6 +4,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -13,11 +14,32 @@
 
 namespace aggvm::testing {
 
-inline agent::ProbeVmConfig ProbeConfig(guest::aggvm_workload workload, uint32_t vcpus) {
+/// What a parametrized KVM test runs on: where the LAPICs live (KVM or userspace models) and the mode the guest
+/// enables its LAPIC in (x2APIC MSRs or xAPIC MMIO).
+struct ApicSetup {
+  vcpu::IrqchipMode irqchip = vcpu::IrqchipMode::kKernel;
+  bool x2apic = true;
+};
+
+/// Every combination, for INSTANTIATE_TEST_SUITE_P.
+inline ::testing::internal::ParamGenerator<ApicSetup> AllApicSetups() {
+  return ::testing::Values(ApicSetup{vcpu::IrqchipMode::kKernel, true}, ApicSetup{vcpu::IrqchipMode::kKernel, false},
+                           ApicSetup{vcpu::IrqchipMode::kUser, true}, ApicSetup{vcpu::IrqchipMode::kUser, false});
+}
+
+/// "KernelX2apic", "UserXapic", ...
+inline std::string ApicSetupName(const ::testing::TestParamInfo<ApicSetup>& info) {
+  return std::string(info.param.irqchip == vcpu::IrqchipMode::kUser ? "User" : "Kernel") +
+         (info.param.x2apic ? "X2apic" : "Xapic");
+}
+
+inline agent::ProbeVmConfig ProbeConfig(guest::aggvm_workload workload, uint32_t vcpus, ApicSetup setup = {}) {
   agent::ProbeVmConfig c;
   c.guest_elf = AGGVM_PROBE_GUEST_ELF;
   c.num_vcpus = vcpus;
   c.workload = workload;
+  c.irqchip = setup.irqchip;
+  c.x2apic = setup.x2apic;
   return c;
 }
 

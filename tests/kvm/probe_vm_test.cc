@@ -11,9 +11,8 @@ namespace {
 
 using agent::ProbeVm;
 
-void RunHello(uint32_t vcpus, bool x2apic) {
-  auto config = ProbeConfig(guest::AGGVM_WORKLOAD_HELLO, vcpus);
-  config.x2apic = x2apic;
+void RunHello(uint32_t vcpus, ApicSetup setup) {
+  auto config = ProbeConfig(guest::AGGVM_WORKLOAD_HELLO, vcpus, setup);
   auto vm = ProbeVm::Create(config);
   ASSERT_TRUE(vm.ok()) << vm.status();
   ASSERT_TRUE((*vm)->Start().ok());
@@ -31,25 +30,41 @@ void RunHello(uint32_t vcpus, bool x2apic) {
     EXPECT_EQ(r.console_lines[0], "hello from vcpu " + std::to_string(i) + " apic " + std::to_string(i));
     EXPECT_EQ(r.done_status, 0u);
   }
+  if (setup.irqchip == vcpu::IrqchipMode::kUser) {
+    // The LAPIC accesses really went to the userspace models: MSR exits in x2APIC mode, MMIO exits in xAPIC mode.
+    ASSERT_NE((*vm)->user_irqchip(), nullptr);
+    const auto c = (*vm)->user_irqchip()->counters();
+    EXPECT_GE(c.apic_msr_accesses, vcpus) << "IA32_APIC_BASE reads at least";
+    if (setup.x2apic) {
+      EXPECT_EQ(c.apic_mmio_accesses, 0u);
+    } else {
+      EXPECT_GE(c.apic_mmio_accesses, 2u * vcpus) << "SVR write and ID read per vCPU";
+    }
+    EXPECT_EQ(c.foreign_msrs_gp, 0u);
+    for (uint32_t i = 0; i < vcpus; ++i) {
+      const auto ac = (*vm)->user_irqchip()->apic_counters(VcpuIndex(i));
+      EXPECT_EQ(ac.gp_faults + ac.illegal_apic_base + ac.reserved_accesses, 0u) << "vCPU " << i;
+    }
+  } else {
+    EXPECT_EQ((*vm)->user_irqchip(), nullptr);
+  }
 }
 
-TEST(ProbeVm, HelloOneVcpu) {
+class ProbeVmTest : public ::testing::TestWithParam<ApicSetup> {};
+
+TEST_P(ProbeVmTest, HelloOneVcpu) {
   AGGVM_REQUIRE_KVM();
-  RunHello(1, true);
+  RunHello(1, GetParam());
 }
 
-TEST(ProbeVm, HelloFourVcpusX2apic) {
+TEST_P(ProbeVmTest, HelloFourVcpus) {
   AGGVM_REQUIRE_KVM();
-  RunHello(4, true);
+  RunHello(4, GetParam());
 }
 
-TEST(ProbeVm, HelloFourVcpusXapic) {
-  AGGVM_REQUIRE_KVM();
-  RunHello(4, false);
-}
-
-void ExpectVmError(guest::aggvm_workload workload, absl::StatusCode code, std::vector<std::string> needles) {
-  auto vm = ProbeVm::Create(ProbeConfig(workload, 2));
+void ExpectVmError(guest::aggvm_workload workload, ApicSetup setup, absl::StatusCode code,
+                   std::vector<std::string> needles) {
+  auto vm = ProbeVm::Create(ProbeConfig(workload, 2, setup));
   ASSERT_TRUE(vm.ok()) << vm.status();
   ASSERT_TRUE((*vm)->Start().ok());
   const absl::Status s = (*vm)->WaitDone(absl::Seconds(30));
@@ -62,20 +77,24 @@ void ExpectVmError(guest::aggvm_workload workload, absl::StatusCode code, std::v
   }
 }
 
-TEST(ProbeVm, UnknownPortEndsVm) {
+TEST_P(ProbeVmTest, UnknownPortEndsVm) {
   AGGVM_REQUIRE_KVM();
-  ExpectVmError(guest::AGGVM_WORKLOAD_BAD_PORT, absl::StatusCode::kInvalidArgument, {"unknown port", "0x1234"});
+  ExpectVmError(guest::AGGVM_WORKLOAD_BAD_PORT, GetParam(), absl::StatusCode::kInvalidArgument,
+                {"unknown port", "0x1234"});
 }
 
-TEST(ProbeVm, UnmappedMemoryEndsVm) {
+TEST_P(ProbeVmTest, UnmappedMemoryEndsVm) {
   AGGVM_REQUIRE_KVM();
-  ExpectVmError(guest::AGGVM_WORKLOAD_UNMAPPED, absl::StatusCode::kInvalidArgument, {"unmapped", "0xc0000000"});
+  ExpectVmError(guest::AGGVM_WORKLOAD_UNMAPPED, GetParam(), absl::StatusCode::kInvalidArgument,
+                {"unmapped", "0xc0000000"});
 }
 
-TEST(ProbeVm, TripleFaultEndsVm) {
+TEST_P(ProbeVmTest, TripleFaultEndsVm) {
   AGGVM_REQUIRE_KVM();
-  ExpectVmError(guest::AGGVM_WORKLOAD_TRIPLE_FAULT, absl::StatusCode::kAborted, {"triple fault"});
+  ExpectVmError(guest::AGGVM_WORKLOAD_TRIPLE_FAULT, GetParam(), absl::StatusCode::kAborted, {"triple fault"});
 }
+
+INSTANTIATE_TEST_SUITE_P(Irqchip, ProbeVmTest, AllApicSetups(), ApicSetupName);
 
 TEST(ProbeVm, BadGuestImageIsRefused) {
   AGGVM_REQUIRE_KVM();

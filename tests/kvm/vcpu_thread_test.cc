@@ -2,6 +2,7 @@
 // moves again after resume.
 #include "tests/kvm/probe_test_util.h"
 #include "tests/support/require.h"
+#include "vcpu/msi.h"
 
 namespace aggvm::testing {
 namespace {
@@ -10,9 +11,11 @@ using agent::ProbeVm;
 using State = vcpu::VcpuThread::State;
 using namespace std::chrono_literals;
 
-TEST(VcpuThread, PauseResumeStopRunningVcpu) {
+class VcpuThreadTest : public ::testing::TestWithParam<ApicSetup> {};
+
+TEST_P(VcpuThreadTest, PauseResumeStopRunningVcpu) {
   AGGVM_REQUIRE_KVM();
-  auto vm = ProbeVm::Create(ProbeConfig(guest::AGGVM_WORKLOAD_SPIN, 2));
+  auto vm = ProbeVm::Create(ProbeConfig(guest::AGGVM_WORKLOAD_SPIN, 2, GetParam()));
   ASSERT_TRUE(vm.ok()) << vm.status();
   ProbeVm& p = **vm;
   ASSERT_TRUE(p.Start().ok());
@@ -55,6 +58,38 @@ TEST(VcpuThread, PauseResumeStopRunningVcpu) {
   EXPECT_TRUE(t0.WaitStopped(absl::Seconds(5)).ok());
   EXPECT_TRUE(p.error().ok()) << p.error();
 }
+
+// A vCPU halted in the guest (in KVM's LAPIC, or sleeping in userspace in user mode) pauses; an MSI sent while it is
+// paused is latched and handled only after Resume; Stop ends a halted vCPU too.
+TEST_P(VcpuThreadTest, PauseHaltedVcpuDefersInterruptUntilResume) {
+  AGGVM_REQUIRE_KVM();
+  auto vm = ProbeVm::Create(ProbeConfig(guest::AGGVM_WORKLOAD_IRQ_SINK, 2, GetParam()));
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  ProbeVm& p = **vm;
+  ASSERT_TRUE(p.Start().ok());
+  ASSERT_TRUE(p.WaitForRecords(VcpuIndex(1), guest::AGGVM_REC_HELLO, 1, absl::Seconds(30)).ok()) << p.error();
+  std::this_thread::sleep_for(20ms);  // let it reach its HLT
+  auto& t = p.thread(VcpuIndex(1));
+  t.Pause();
+  ASSERT_TRUE(t.WaitForState(State::kPaused, absl::Seconds(5))) << "a halted vCPU did not pause";
+  ASSERT_TRUE(p.injector().InjectMsi(vcpu::FixedMsi(p.apic_id(VcpuIndex(1)), Vector(0x55))).ok());
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(CountRecords(p.report(VcpuIndex(1)), guest::AGGVM_REC_IRQ), 0u) << "handled while paused";
+  t.Resume();
+  ASSERT_TRUE(p.WaitForRecords(VcpuIndex(1), guest::AGGVM_REC_IRQ, 1, absl::Seconds(10)).ok()) << p.error();
+  for (const auto& r : p.report(VcpuIndex(1)).records) {
+    if (r.type == guest::AGGVM_REC_IRQ) {
+      EXPECT_EQ(r.a, 0x55u);
+    }
+  }
+  std::this_thread::sleep_for(20ms);
+  t.Stop();
+  EXPECT_TRUE(t.WaitStopped(absl::Seconds(5)).ok()) << "a halted vCPU did not stop";
+  EXPECT_EQ(CountRecords(p.report(VcpuIndex(0)), guest::AGGVM_REC_IRQ), 0u);
+  EXPECT_TRUE(p.error().ok()) << p.error();
+}
+
+INSTANTIATE_TEST_SUITE_P(Irqchip, VcpuThreadTest, AllApicSetups(), ApicSetupName);
 
 }  // namespace
 }  // namespace aggvm::testing

@@ -1,0 +1,396 @@
+#include "vcpu/user_irqchip.h"
+
+#include <array>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <variant>
+
+#include "absl/strings/str_cat.h"
+#include "irqchip/apic_regs.h"
+#include "irqchip/destination.h"
+#include "irqchip/msi.h"
+#include "vcpu/vcpu.h"
+#include "vcpu/vm.h"
+
+namespace aggvm::vcpu {
+
+namespace apic = irqchip::apic;
+using Disposition = VcpuInterruptHooks::Disposition;
+
+struct UserIrqchip::AtomicCounters {
+  std::atomic<uint64_t> msis{0}, bad_msis{0}, ipis{0}, undelivered{0}, injected{0}, nmis{0}, window_requests{0},
+      halts{0}, apic_msr_accesses{0}, apic_mmio_accesses{0}, bad_apic_mmio{0}, foreign_msrs_gp{0}, eoi_broadcasts{0},
+      unsupported_events{0};
+};
+
+namespace {
+
+void Bump(std::atomic<uint64_t>& c) { c.fetch_add(1, std::memory_order_relaxed); }
+
+bool IsApicMsr(uint32_t msr) {
+  return msr == apic::kMsrApicBase || msr == apic::kMsrTscDeadline ||
+         (msr >= apic::kMsrX2ApicFirst && msr <= apic::kMsrX2ApicLast);
+}
+
+}  // namespace
+
+// One vCPU's local APIC and everything that touches it. `mu` guards the model and every field marked (mu).
+struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
+  // An ICR write sends at most one IPI; the outbox only has to hold the messages of one register access.
+  static constexpr size_t kOutboxSize = 4;
+
+  Slot(UserIrqchip& c, uint32_t i, const irqchip::LocalApic::Config& config)
+      : chip(c), index(i), apic(config, *this, c.clock_) {}
+
+  // ---- irqchip::ApicSink: called by `apic` with `mu` held ----
+  void SendIpi(const irqchip::InterruptMessage& msg) override {
+    if (outbox_count < kOutboxSize) {
+      outbox[outbox_count++] = msg;
+    } else {
+      Bump(chip.counters_->undelivered);
+    }
+  }
+  void EoiBroadcast(Vector vector) override { eoi_broadcast = vector; }
+  void InterruptPending() override { became_pending = true; }
+
+  // ---- VcpuInterruptHooks: vCPU thread (Wake: any thread) ----
+  absl::Status BeforeRun() override {
+    // in_run first (seq_cst), then the check under `mu`: a router that accepts after our check sees in_run and
+    // kicks; one that accepted before it is seen by the check (see AcceptOn).
+    in_run.store(true, std::memory_order_seq_cst);
+    std::optional<Vector> inject;
+    bool nmi = false;
+    bool window = false;
+    {
+      std::lock_guard l(mu);
+      wake = false;
+      apic.ServiceTimer();
+      nmi = apic.TakeNmi();
+      DropUnsupported();
+      if (apic.PendingInterrupt().has_value()) {
+        // The last exit's ready_for_interrupt_injection is stale once we queued a vector ourselves.
+        if (vcpu->ready_for_interrupt_injection() && !queued) inject = apic.AcknowledgeInterrupt();
+        window = apic.PendingInterrupt().has_value() || !inject.has_value();
+      }
+    }
+    vcpu->RequestInterruptWindow(window);
+    if (window) Bump(chip.counters_->window_requests);
+    if (nmi) {
+      if (absl::Status s = vcpu->Nmi(); !s.ok()) return s;
+      Bump(chip.counters_->nmis);
+    }
+    if (inject.has_value()) {
+      if (absl::Status s = vcpu->Interrupt(*inject); !s.ok()) return s;
+      queued = true;
+      Bump(chip.counters_->injected);
+    }
+    return absl::OkStatus();
+  }
+
+  void AfterRun() override {
+    in_run.store(false, std::memory_order_seq_cst);
+    // KVM reports through ready_for_interrupt_injection whether our queued vector is still waiting (0 then).
+    queued = false;
+  }
+
+  Disposition OnExit(VcpuExit& exit) override {
+    if (auto* rd = std::get_if<MsrRead>(&exit)) return OnMsrRead(*rd);
+    if (auto* wr = std::get_if<MsrWrite>(&exit)) return OnMsrWrite(exit, *wr);
+    if (auto* mr = std::get_if<MmioRead>(&exit)) return OnMmioRead(*mr);
+    if (auto* mw = std::get_if<MmioWrite>(&exit)) return OnMmioWrite(exit, *mw);
+    if (std::holds_alternative<Hlt>(exit)) return OnHlt();
+    if (std::holds_alternative<IrqWindowOpen>(exit)) return Disposition::kHandled;  // BeforeRun injects
+    return Disposition::kPass;
+  }
+
+  void Wake() override {
+    {
+      std::lock_guard l(mu);
+      wake = true;
+    }
+    cv.notify_all();
+  }
+
+  // ---- exits ----
+  Disposition OnMsrRead(const MsrRead& rd) {
+    if (!IsApicMsr(rd.index)) {
+      Bump(chip.counters_->foreign_msrs_gp);
+      rd.InjectGp();
+      return Disposition::kHandled;
+    }
+    irqchip::MsrReadResult r;
+    {
+      std::lock_guard l(mu);
+      r = apic.ReadMsr(rd.index);
+    }
+    Bump(chip.counters_->apic_msr_accesses);
+    if (r.result == irqchip::AccessResult::kGeneralProtection) {
+      rd.InjectGp();
+    } else {
+      rd.Reply(r.value);
+    }
+    return Disposition::kHandled;
+  }
+
+  Disposition OnMsrWrite(VcpuExit& exit, const MsrWrite& wr) {
+    if (!IsApicMsr(wr.index)) {
+      Bump(chip.counters_->foreign_msrs_gp);
+      wr.InjectGp();
+      return Disposition::kHandled;
+    }
+    irqchip::AccessResult r;
+    {
+      std::lock_guard l(mu);
+      r = apic.WriteMsr(wr.index, wr.value);
+      TakeEffectsLocked();
+    }
+    Bump(chip.counters_->apic_msr_accesses);
+    if (r == irqchip::AccessResult::kGeneralProtection) wr.InjectGp();
+    return RouteEffects(exit);
+  }
+
+  std::optional<uint32_t> ApicPageOffset(GuestAddress gpa, size_t len) {
+    // Called with `mu` held. The page exists only in xAPIC mode (in x2APIC mode MMIO to it is not the APIC's,
+    // SDM 11.12.1.2).
+    if (apic.mode() != irqchip::ApicMode::kXApic) return std::nullopt;
+    const uint64_t base = apic.apic_base() & apic::kApicBaseAddrMask;
+    if (gpa.raw() < base || gpa.raw() - base >= 0x1000 || len > 0x1000 - (gpa.raw() - base)) return std::nullopt;
+    return static_cast<uint32_t>(gpa.raw() - base);
+  }
+
+  Disposition OnMmioRead(const MmioRead& mr) {
+    std::unique_lock l(mu);
+    const auto offset = ApicPageOffset(mr.gpa, mr.data.size());
+    if (!offset) return Disposition::kPass;
+    if (mr.data.size() != 4) {
+      l.unlock();
+      std::memset(mr.data.data(), 0, mr.data.size());
+      Bump(chip.counters_->bad_apic_mmio);
+      return Disposition::kHandled;
+    }
+    const uint32_t v = apic.ReadMmio(*offset);
+    l.unlock();
+    std::memcpy(mr.data.data(), &v, 4);
+    Bump(chip.counters_->apic_mmio_accesses);
+    return Disposition::kHandled;
+  }
+
+  Disposition OnMmioWrite(VcpuExit& exit, const MmioWrite& mw) {
+    {
+      std::lock_guard l(mu);
+      const auto offset = ApicPageOffset(mw.gpa, mw.data.size());
+      if (!offset) return Disposition::kPass;
+      if (mw.data.size() != 4) {
+        Bump(chip.counters_->bad_apic_mmio);
+        return Disposition::kHandled;
+      }
+      uint32_t v;
+      std::memcpy(&v, mw.data.data(), 4);
+      (void)apic.WriteMmio(*offset, v);  // xAPIC never faults; the model counts what it ignored
+      TakeEffectsLocked();
+    }
+    Bump(chip.counters_->apic_mmio_accesses);
+    return RouteEffects(exit);
+  }
+
+  Disposition OnHlt() {
+    Bump(chip.counters_->halts);
+    // RIP is past the HLT. Only an interrupt the guest can take ends the halt (with IF = 0 it sleeps until a
+    // command kicks the thread); a kick (Wake) hands the thread back to the VcpuThread loop.
+    const bool interruptible = vcpu->interrupt_flag();
+    std::unique_lock l(mu);
+    halted = true;
+    for (;;) {
+      apic.ServiceTimer();
+      DropUnsupported();
+      if (wake || (interruptible && apic.PendingInterrupt().has_value())) break;
+      if (const auto deadline = apic.TimerDeadlineNs()) {
+        const uint64_t now = chip.clock_.NowNs();
+        if (*deadline > now) cv.wait_for(l, std::chrono::nanoseconds(*deadline - now));
+      } else {
+        cv.wait(l);
+      }
+    }
+    halted = false;
+    return Disposition::kHandled;
+  }
+
+  // ---- effects ----
+  void DropUnsupported() {  // `mu` held
+    uint64_t n = 0;
+    n += apic.TakeSmi();
+    n += apic.TakeInit();
+    n += apic.TakeExtInt();
+    n += apic.TakeSipi().has_value();
+    if (n != 0) chip.counters_->unsupported_events.fetch_add(n, std::memory_order_relaxed);
+  }
+
+  void TakeEffectsLocked() {  // `mu` held: move the sink's outputs out of the lock's scope
+    pending_out_count = outbox_count;
+    for (size_t i = 0; i < outbox_count; ++i) pending_out[i] = outbox[i];
+    outbox_count = 0;
+    pending_eoi = eoi_broadcast;
+    eoi_broadcast.reset();
+  }
+
+  // vCPU thread, no lock held: route the IPIs of the last register access; an EOI broadcast becomes IoapicEoi.
+  Disposition RouteEffects(VcpuExit& exit) {
+    for (size_t i = 0; i < pending_out_count; ++i) {
+      Bump(chip.counters_->ipis);
+      if (chip.Deliver(pending_out[i]) == 0) Bump(chip.counters_->undelivered);
+    }
+    pending_out_count = 0;
+    if (pending_eoi.has_value()) {
+      Bump(chip.counters_->eoi_broadcasts);
+      exit = IoapicEoi{*pending_eoi};
+      pending_eoi.reset();
+      return Disposition::kPass;
+    }
+    return Disposition::kHandled;
+  }
+
+  UserIrqchip& chip;
+  const uint32_t index;
+  Vcpu* vcpu = nullptr;
+  VcpuThread* thread = nullptr;
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  irqchip::LocalApic apic;                                 // (mu)
+  bool halted = false;                                     // (mu) sleeping in OnHlt
+  bool wake = false;                                       // (mu) Wake() since the last BeforeRun
+  bool became_pending = false;                             // (mu) set by InterruptPending
+  std::array<irqchip::InterruptMessage, kOutboxSize> outbox{};  // (mu)
+  size_t outbox_count = 0;                                 // (mu)
+  std::optional<Vector> eoi_broadcast;                     // (mu)
+  std::atomic<bool> in_run{false};                         // between BeforeRun and AfterRun
+  // vCPU thread only:
+  bool queued = false;  // KVM_INTERRUPT done since the last exit
+  std::array<irqchip::InterruptMessage, kOutboxSize> pending_out{};
+  size_t pending_out_count = 0;
+  std::optional<Vector> pending_eoi;
+};
+
+absl::Status UserIrqchip::ConfigureVm(Vm& vm) {
+  if (absl::Status s = vm.EnableUserSpaceMsr(kUserSpaceMsrReasons); !s.ok()) return s;
+  return vm.DenyMsrs(kFilteredMsrs);
+}
+
+UserIrqchip::UserIrqchip(std::span<const ApicId> ids, const Options& options)
+    : counters_(std::make_unique<AtomicCounters>()) {
+  slots_.reserve(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    irqchip::LocalApic::Config c;
+    c.initial_id = ids[i];
+    c.bsp = i == 0;
+    c.x2apic_supported = true;
+    c.tsc_deadline_supported = false;  // not advertised in CPUID in this mode (see the header)
+    if (options.tsc_khz != 0) c.tsc_khz = options.tsc_khz;
+    slots_.push_back(std::make_unique<Slot>(*this, static_cast<uint32_t>(i), c));
+  }
+}
+
+UserIrqchip::~UserIrqchip() = default;
+
+void UserIrqchip::Attach(VcpuIndex index, Vcpu& vcpu, VcpuThread& thread) {
+  Slot& s = *slots_.at(index.value());
+  s.vcpu = &vcpu;
+  s.thread = &thread;
+}
+
+VcpuInterruptHooks& UserIrqchip::hooks(VcpuIndex index) { return *slots_.at(index.value()); }
+
+bool UserIrqchip::AcceptOn(Slot& slot, const irqchip::InterruptMessage& message, bool check_destination) {
+  bool accepted = false;
+  bool notify = false;
+  bool kick = false;
+  {
+    std::lock_guard l(slot.mu);
+    if (check_destination && !slot.apic.MatchesDestination(message)) return false;
+    slot.became_pending = false;
+    const irqchip::AcceptResult r = slot.apic.Accept(message);
+    accepted = r == irqchip::AcceptResult::kAccepted || r == irqchip::AcceptResult::kCoalesced;
+    if (slot.became_pending) {
+      // Read under the lock: a vCPU thread that stored in_run before taking this lock is seen here (BeforeRun).
+      notify = slot.halted;
+      kick = !slot.halted && slot.in_run.load(std::memory_order_seq_cst);
+    }
+  }
+  if (notify) slot.cv.notify_all();
+  if (kick && slot.thread != nullptr) slot.thread->Kick();
+  return accepted;
+}
+
+uint32_t UserIrqchip::Deliver(const irqchip::InterruptMessage& message) {
+  if (irqchip::IsArbitrated(message)) {
+    // Lowest priority (SDM 11.6.2.4) / redirectable MSI: one winner among the matching, enabled APICs.
+    irqchip::LowestPriorityArbiter arbiter(last_lowest_priority_winner_.load(std::memory_order_relaxed),
+                                           /*use_focus=*/true);
+    for (uint32_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = *slots_[i];
+      std::lock_guard l(s.mu);
+      if (!s.apic.MatchesDestination(message) || !s.apic.software_enabled()) continue;
+      const uint8_t v = message.vector.value();
+      arbiter.Offer(i, s.apic.ppr(), s.apic.irr().Test(v) || s.apic.isr().Test(v));
+    }
+    if (!arbiter.has_winner()) return 0;
+    last_lowest_priority_winner_.store(arbiter.winner(), std::memory_order_relaxed);
+    irqchip::InterruptMessage fixed = message;
+    fixed.mode = irqchip::DeliveryMode::kFixed;
+    return AcceptOn(*slots_[arbiter.winner()], fixed, /*check_destination=*/false) ? 1 : 0;
+  }
+  uint32_t accepted = 0;
+  for (auto& s : slots_) accepted += AcceptOn(*s, message, /*check_destination=*/true) ? 1 : 0;
+  return accepted;
+}
+
+absl::Status UserIrqchip::InjectMsi(const MsiMessage& msi) {
+  irqchip::MsiDecodeOptions options;
+  options.x2apic_32bit_ids = true;  // the KVM_X2APIC_API_USE_32BIT_IDS convention of vcpu/msi.h
+  const uint64_t address = (static_cast<uint64_t>(msi.address_hi) << 32) | msi.address_lo;
+  const irqchip::MsiDecodeResult d = irqchip::DecodeMsiRaw(address, msi.data, options);
+  if (!d.ok()) {
+    Bump(counters_->bad_msis);
+    return absl::InvalidArgumentError(absl::StrCat("MSI (address ", absl::Hex(address), ", data ", absl::Hex(msi.data),
+                                                   ") does not decode: ", irqchip::MsiErrorName(d.error)));
+  }
+  Bump(counters_->msis);
+  if (Deliver(d.message) == 0) {
+    Bump(counters_->undelivered);
+    return absl::UnavailableError(absl::StrCat("MSI (address ", absl::Hex(msi.address_lo), ", data ",
+                                               absl::Hex(msi.data),
+                                               ") was not accepted: no vCPU with that APIC ID, or its LAPIC is "
+                                               "disabled (has the guest enabled it yet?)"));
+  }
+  return absl::OkStatus();
+}
+
+UserIrqchipCounters UserIrqchip::counters() const {
+  const AtomicCounters& c = *counters_;
+  auto g = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  UserIrqchipCounters out;
+  out.msis = g(c.msis);
+  out.bad_msis = g(c.bad_msis);
+  out.ipis = g(c.ipis);
+  out.undelivered = g(c.undelivered);
+  out.injected = g(c.injected);
+  out.nmis = g(c.nmis);
+  out.window_requests = g(c.window_requests);
+  out.halts = g(c.halts);
+  out.apic_msr_accesses = g(c.apic_msr_accesses);
+  out.apic_mmio_accesses = g(c.apic_mmio_accesses);
+  out.bad_apic_mmio = g(c.bad_apic_mmio);
+  out.foreign_msrs_gp = g(c.foreign_msrs_gp);
+  out.eoi_broadcasts = g(c.eoi_broadcasts);
+  out.unsupported_events = g(c.unsupported_events);
+  return out;
+}
+
+irqchip::LocalApicCounters UserIrqchip::apic_counters(VcpuIndex index) const {
+  const Slot& s = *slots_.at(index.value());
+  std::lock_guard l(s.mu);
+  return s.apic.counters();
+}
+
+}  // namespace aggvm::vcpu
