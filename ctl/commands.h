@@ -1,0 +1,39 @@
+// aggvmctl's commands: each talks to the master over gRPC, prints a human-readable result to `out` and returns the
+// error (with what to do) otherwise. No gRPC types in this header: main.cc only parses flags.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace aggvm::ctl {
+
+struct CtlOptions {
+  std::string master = "127.0.0.1:7070";    // --master host:port
+  absl::Duration timeout = absl::Seconds(5);  // per unary call (connecting included)
+};
+
+absl::Status Status(const CtlOptions& opt, std::ostream& out);
+/// Offline: parses and validates a spec file without a master (node names are not checked).
+absl::Status VmValidate(const std::string& spec_file, std::ostream& out);
+absl::Status VmCreate(const CtlOptions& opt, const std::string& spec_file, std::ostream& out);
+/// verb: "start", "pause" or "stop".
+absl::Status VmLifecycle(const CtlOptions& opt, const std::string& verb, const std::string& name, std::ostream& out);
+absl::Status VmList(const CtlOptions& opt, std::ostream& out);
+absl::Status VmGet(const CtlOptions& opt, const std::string& name, std::ostream& out);
+absl::Status VmTopology(const CtlOptions& opt, const std::string& name, std::ostream& out);
+absl::Status VmRouting(const CtlOptions& opt, const std::string& name, std::ostream& out);
+
+struct FollowOptions {
+  absl::Duration duration = absl::InfiniteDuration();  // stop following after this long
+  uint64_t max_lines = 0;                               // stop after this many console lines (0 = no limit)
+};
+/// Prints the VM's console lines (and state changes) as they arrive.
+absl::Status Console(const CtlOptions& opt, const std::string& vm, const FollowOptions& follow, std::ostream& out);
+/// Prints every event (nodes joining / lost, VM state changes) as they arrive.
+absl::Status Events(const CtlOptions& opt, const FollowOptions& follow, std::ostream& out);
+
+}  // namespace aggvm::ctl

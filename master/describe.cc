@@ -1,0 +1,44 @@
+#include "master/describe.h"
+
+#include <fmt/format.h>
+
+namespace aggvm::master {
+namespace {
+
+std::string StripPrefix(const std::string& name, std::string_view prefix) {
+  return name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name;
+}
+
+}  // namespace
+
+std::string ShortName(v1::VmState state) { return StripPrefix(v1::VmState_Name(state), "VM_STATE_"); }
+std::string ShortName(v1::NodeHealth health) { return StripPrefix(v1::NodeHealth_Name(health), "NODE_HEALTH_"); }
+
+std::string DescribeEvent(const v1::Event& e) {
+  switch (e.kind_case()) {
+    case v1::Event::kNodeChanged: {
+      const auto& n = e.node_changed();
+      return fmt::format("node {} (id {}) {} at {}{}", n.node(), n.node_id(), ShortName(n.health()), n.control_address(),
+                         n.health() == v1::NODE_HEALTH_LOST
+                             ? fmt::format(", last heartbeat {} ms ago", n.last_heartbeat_ms_ago())
+                             : "");
+    }
+    case v1::Event::kVmChanged: {
+      const auto& v = e.vm_changed();
+      return fmt::format("vm {} {}{}", v.name(), ShortName(v.state()), v.error().empty() ? "" : ": " + v.error());
+    }
+    case v1::Event::kConsole: {
+      const auto& c = e.console();
+      return fmt::format("[{} vcpu {} @ {}] {}", c.vm(), c.vcpu(), c.node(), c.text());
+    }
+    case v1::Event::kRecord: {
+      const auto& r = e.record();
+      return fmt::format("[{} vcpu {} @ {}] record type {} a={:#x} b={:#x} c={:#x}", r.vm(), r.vcpu(), r.node(), r.type(),
+                         r.a(), r.b(), r.c());
+    }
+    default:
+      return "(empty event)";
+  }
+}
+
+}  // namespace aggvm::master

@@ -1,0 +1,49 @@
+// aggvm-master: the cluster's control plane (membership, VM lifecycle, topology, events). Parses flags, starts the
+// MasterServer and runs until SIGINT/SIGTERM.
+#include <csignal>
+#include <cstdio>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include "master/master_server.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"aggvm master: membership, VM lifecycle and events of an aggvm cluster"};
+  aggvm::master::MasterOptions opt;
+  uint32_t heartbeat_ms = 500;
+  double agent_timeout_s = 30;
+  app.add_option("--listen", opt.listen_address, "gRPC listen address host:port")->capture_default_str();
+  app.add_option("--heartbeat-ms", heartbeat_ms, "heartbeat interval the agents use")
+      ->check(CLI::Range(10u, 60000u))->capture_default_str();
+  app.add_option("--lost-after", opt.lost_after_intervals, "missed heartbeat intervals before a node is LOST")
+      ->check(CLI::Range(1u, 1000u))->capture_default_str();
+  app.add_option("--agent-timeout", agent_timeout_s, "seconds allowed for each call to an agent")
+      ->check(CLI::Range(0.1, 3600.0))->capture_default_str();
+  app.add_option("--guest", opt.default_image, "guest ELF for specs that name no image (default: this build's probe guest)");
+  CLI11_PARSE(app, argc, argv);
+  opt.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
+  opt.agent_call_timeout = absl::Seconds(agent_timeout_s);
+  opt.event_log = [](const std::string& line) { spdlog::info("{}", line); };
+
+  // Block the stop signals before any thread starts; the main thread waits for them.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+
+  auto server = aggvm::master::MasterServer::Start(opt);
+  if (!server.ok()) {
+    spdlog::error("{}", std::string(server.status().message()));
+    return 1;
+  }
+  spdlog::info("aggvm-master listening on port {} (heartbeat {} ms, LOST after {} missed)", (*server)->port(),
+               heartbeat_ms, opt.lost_after_intervals);
+  int sig = 0;
+  sigwait(&stop, &sig);
+  spdlog::info("signal {}: shutting down", sig);
+  (*server)->Shutdown();
+  return 0;
+}

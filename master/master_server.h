@@ -1,0 +1,52 @@
+// aggvm-master's control plane as an object: the gRPC Master service (membership, VM lifecycle, topology, events)
+// listening on one address, plus the thread that detects lost nodes. No gRPC types in this header: main.cc and the
+// tests start it, clients talk to it through proto/aggvm.grpc.pb.h.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace aggvm::master {
+
+struct MasterOptions {
+  /// host:port to listen on; port 0 picks a free port (see MasterServer::port()).
+  std::string listen_address = "0.0.0.0:7070";
+  /// Heartbeat period the agents are told to use, and how many missed periods make a node LOST.
+  absl::Duration heartbeat_interval = absl::Milliseconds(500);
+  uint32_t lost_after_intervals = 3;
+  /// Deadline of each call the master makes to an agent (PrepareVm, StartVm, ...).
+  absl::Duration agent_call_timeout = absl::Seconds(30);
+  /// Guest image for specs that name none ("" = this build's probe guest).
+  std::string default_image;
+  /// Called with a one-line description of every event (node joined/lost, VM state, console), from one thread.
+  std::function<void(const std::string&)> event_log;
+};
+
+class MasterServer {
+ public:
+  /// Binds, starts serving and starts the loss detector. Fails with the address when it cannot bind.
+  static absl::StatusOr<std::unique_ptr<MasterServer>> Start(const MasterOptions& options);
+  ~MasterServer();
+  MasterServer(const MasterServer&) = delete;
+  MasterServer& operator=(const MasterServer&) = delete;
+
+  /// The bound port.
+  [[nodiscard]] int port() const;
+  /// Ends event streams, stops serving (in-flight calls get up to `grace` to finish) and joins the detector.
+  /// Idempotent; the destructor calls it.
+  void Shutdown(absl::Duration grace = absl::Seconds(2));
+  /// Blocks until Shutdown() (from another thread or a signal handler's helper thread).
+  void Wait();
+
+ private:
+  struct Impl;
+  explicit MasterServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace aggvm::master
