@@ -8,7 +8,7 @@
 //   kEoi         10 vcpu u32 | 14 vector u8 | 16 gsi u32
 //   kIo*         10 access u8 (bit 0 space, bit 1 write, bits 3:2 log2 size) | 11 status u8 | 12 vcpu u32
 //                | 16 address u64 | 24 data u64
-//   kControl     10 op u8 | 12 arg0 u64 | 20 arg1 u64
+//   kControl     10 op u8 | 12 arg0 u64 | 20 arg1 u64   (op 4 raise-gsi: arg0 GSI, arg1 ControlPayload::kRaise* bits)
 // Trace block: 32 trace_id u32 | 36 raised u64 | 44..63 five u32 deltas from raised (0 = hop not reached).
 #include "transport/frame.h"
 
@@ -167,7 +167,16 @@ absl::Status ValidateIo(FrameType type, const IoRequestPayload& p) {
 
 absl::Status ValidateControl(const ControlPayload& p) {
   const auto op = static_cast<uint8_t>(p.op);
-  if (op > 3) return Bad("control", "op", op, "must be 0 hello, 1 ping, 2 pong or 3 goodbye");
+  if (op > 4) return Bad("control", "op", op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
+  if (p.op == ControlPayload::Op::kRaiseGsi) {
+    if (p.arg0 >= kMaxGsi) return Bad("control", "arg0", p.arg0, "raise-gsi: the GSI must be below kMaxGsi 4096");
+    if ((p.arg1 & ~ControlPayload::kRaiseKnown) != 0) {
+      return Bad("control", "arg1", p.arg1, "raise-gsi: only bits 0 level, 1 assert, 2 traced may be set");
+    }
+    if ((p.arg1 & ControlPayload::kRaiseLevel) == 0 && (p.arg1 & ControlPayload::kRaiseAssert) == 0) {
+      return Bad("control", "arg1", p.arg1, "raise-gsi: an edge is always an assertion (bit 1 must be set)");
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -401,7 +410,7 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
     case FrameType::kControl: {
       ControlPayload p;
       const uint8_t op = Get8(d, P + 0);
-      if (op > 3) return Bad(tname, "op", op, "must be 0 hello, 1 ping, 2 pong or 3 goodbye");
+      if (op > 4) return Bad(tname, "op", op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
       p.op = static_cast<ControlPayload::Op>(op);
       p.arg0 = Get64(d, P + 2);
       p.arg1 = Get64(d, P + 10);

@@ -95,9 +95,16 @@ struct IoRequestPayload {        // FrameType::kIoRequest / kIoResponse
   uint64_t data = 0;             // write data, or read result in kIoResponse
 };
 struct ControlPayload {          // FrameType::kControl
-  enum class Op : uint8_t { kHello = 0, kPing = 1, kPong = 2, kGoodbye = 3 } op = Op::kHello;
+  // kRaiseGsi (master -> node): raise GSI arg0 (< kMaxGsi) on the receiving node's local interrupt controller, as if
+  // a device there had signalled it; the node then sends kInterrupt to the master. arg1 holds kRaise* bits only.
+  enum class Op : uint8_t { kHello = 0, kPing = 1, kPong = 2, kGoodbye = 3, kRaiseGsi = 4 } op = Op::kHello;
   uint64_t arg0 = 0;
   uint64_t arg1 = 0;
+
+  static constexpr uint64_t kRaiseLevel = 1u << 0;   // level-triggered source: hold the level (else an edge)
+  static constexpr uint64_t kRaiseAssert = 1u << 1;  // level: the new input level (1 assert, 0 deassert); edge: 1
+  static constexpr uint64_t kRaiseTraced = 1u << 2;  // the node fills a trace block from `raised` on
+  static constexpr uint64_t kRaiseKnown = kRaiseLevel | kRaiseAssert | kRaiseTraced;
 };
 
 /// Per-hop timestamps in CLOCK_MONOTONIC ns (absolute; the wire carries deltas from `raised`). 0 = not reached.

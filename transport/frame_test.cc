@@ -244,6 +244,26 @@ TEST(Frame, IoSizesRoundTrip) {
   }
 }
 
+TEST(Frame, RaiseGsiControlRoundTrips) {
+  for (uint64_t flags : {ControlPayload::kRaiseAssert, ControlPayload::kRaiseLevel,
+                         ControlPayload::kRaiseLevel | ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced}) {
+    ControlPayload p;
+    p.op = ControlPayload::Op::kRaiseGsi;
+    p.arg0 = kMaxGsi - 1;
+    p.arg1 = flags;
+    const Frame f = Make(FrameType::kControl, p);
+    ASSERT_TRUE(ValidateFrame(f).ok()) << ValidateFrame(f);
+    WireFrame w;
+    EncodeFrame(f, w);
+    auto d = DecodeFrame(w.data(), w.size());
+    ASSERT_TRUE(d.ok()) << d.status();
+    const auto& q = std::get<ControlPayload>(d->payload);
+    EXPECT_EQ(q.op, ControlPayload::Op::kRaiseGsi);
+    EXPECT_EQ(q.arg0, kMaxGsi - 1);
+    EXPECT_EQ(q.arg1, flags);
+  }
+}
+
 TEST(Frame, TypeNames) {
   EXPECT_EQ(FrameTypeName(FrameType::kInterrupt), "interrupt");
   EXPECT_EQ(FrameTypeName(FrameType::kIoResponse), "io_response");
@@ -326,7 +346,15 @@ std::vector<Rule> Rules() {
       {"io data too wide", with(FrameType::kIoRequest, PioWrite(), [](IoRequestPayload& p) { p.data = 0x10000; }),
        "'data' = 0x10000"},
       {"control op", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = static_cast<ControlPayload::Op>(4); }), "'op' = 0x4"},
+         p.op = static_cast<ControlPayload::Op>(5); }), "'op' = 0x5"},
+      {"control raise-gsi gsi", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = kMaxGsi; p.arg1 = ControlPayload::kRaiseAssert; }),
+       "'arg0' = 0x1000"},
+      {"control raise-gsi flags", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3; p.arg1 = 8 | ControlPayload::kRaiseAssert; }),
+       "'arg1' = 0xa"},
+      {"control raise-gsi edge deassert", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3; p.arg1 = 0; }), "'arg1' = 0x0"},
       {"traced raised zero", [] {
          auto f = Make(FrameType::kEoi, Eoi()); f.flags = kFlagTraced; f.trace.raised = 0; return f; },
        "'trace.raised' = 0x0"},

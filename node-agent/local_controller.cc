@@ -1,0 +1,331 @@
+#include "node-agent/local_controller.h"
+
+#include <fmt/format.h>
+
+#include <limits>
+
+#include "common/clock.h"
+#include "node-agent/io_forwarder.h"
+
+namespace aggvm::agent {
+
+using transport::ControlPayload;
+using transport::DeliverPayload;
+using transport::EoiPayload;
+using transport::Frame;
+using transport::FrameType;
+using transport::InterruptPayload;
+using transport::IoRequestPayload;
+using transport::TraceBlock;
+
+namespace {
+
+// See master/global_controller.cc: hops stamped on another machine may not compare with `raised`; clamp rather
+// than make the frame invalid.
+uint64_t StampHop(const TraceBlock& t) {
+  const uint64_t now = MonotonicNanos();
+  if (now <= t.raised) return t.raised + 1;
+  if (now - t.raised > std::numeric_limits<uint32_t>::max()) return 0;
+  return now;
+}
+
+// Spinlock guard for the send lock: held only around one Transport::Send.
+class SpinGuard {
+ public:
+  explicit SpinGuard(std::atomic_flag& f) : f_(f) {
+    while (f_.test_and_set(std::memory_order_acquire)) {
+      while (f_.test(std::memory_order_relaxed)) __builtin_ia32_pause();
+    }
+  }
+  ~SpinGuard() { f_.clear(std::memory_order_release); }
+  SpinGuard(const SpinGuard&) = delete;
+  SpinGuard& operator=(const SpinGuard&) = delete;
+
+ private:
+  std::atomic_flag& f_;
+};
+
+}  // namespace
+
+LocalController::LocalController(LocalControllerConfig config, transport::Transport* transport, VmPort* vm)
+    : config_(std::move(config)), transport_(transport), vm_(vm) {}
+
+LocalController::~LocalController() = default;
+
+absl::StatusOr<std::unique_ptr<LocalController>> LocalController::Create(LocalControllerConfig config,
+                                                                        transport::Transport* transport,
+                                                                        VmPort* vm) {
+  if (transport == nullptr || vm == nullptr) {
+    return absl::InvalidArgumentError("local controller: transport and VM port must not be null");
+  }
+  if (config.num_vcpus == 0 || config.num_vcpus > 1024) {
+    return absl::InvalidArgumentError(
+        fmt::format("local controller: num_vcpus = {} (must be 1..1024)", config.num_vcpus));
+  }
+  if (config.master == transport->self()) {
+    return absl::InvalidArgumentError(
+        fmt::format("local controller: the master node id {} is this node's own id", config.master));
+  }
+  std::unique_ptr<LocalController> c(new LocalController(std::move(config), transport, vm));
+  c->owned_.assign(c->config_.num_vcpus, 0);
+  for (VcpuIndex v : c->config_.owned) {
+    if (v.value() >= c->config_.num_vcpus) {
+      return absl::InvalidArgumentError(fmt::format("local controller: owned vCPU {} is outside the VM's {} vCPUs",
+                                                    v, c->config_.num_vcpus));
+    }
+    if (c->owned_[v.value()] != 0) {
+      return absl::InvalidArgumentError(fmt::format("local controller: vCPU {} is listed twice as owned", v));
+    }
+    c->owned_[v.value()] = 1;
+  }
+  c->pending_ = std::make_unique<std::array<std::atomic<uint32_t>, 256>[]>(c->config_.num_vcpus);
+  for (uint32_t i = 0; i < c->config_.num_vcpus; ++i) {
+    for (auto& e : c->pending_[i]) e.store(0, std::memory_order_relaxed);
+  }
+  c->gsi_level_ = std::make_unique<std::atomic<uint8_t>[]>(transport::kMaxGsi);
+  for (uint32_t g = 0; g < transport::kMaxGsi; ++g) c->gsi_level_[g].store(0, std::memory_order_relaxed);
+  return c;
+}
+
+absl::Status LocalController::SendToMaster(Frame& frame) {
+  absl::Status s;
+  {
+    SpinGuard g(send_lock_);
+    s = transport_->Send(config_.master, frame);
+  }
+  if (!s.ok()) counters_.send_failed.Add();
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device side.
+
+absl::Status LocalController::SendGsiLevel(Gsi gsi, bool level, bool traced, uint64_t raised_ns) {
+  Frame f;
+  f.type = FrameType::kInterrupt;
+  InterruptPayload p;
+  p.kind = InterruptPayload::Kind::kGsiLevel;
+  p.level = level ? 1 : 0;
+  p.gsi = gsi;
+  f.payload = p;
+  if (traced) {
+    f.flags = transport::kFlagTraced;
+    f.trace.trace_id = next_trace_id_.fetch_add(1, std::memory_order_relaxed);
+    f.trace.raised = raised_ns;
+    f.trace.local_controller = StampHop(f.trace);
+  }
+  // Caller holds send_lock_.
+  absl::Status s = transport_->Send(config_.master, f);
+  if (!s.ok()) counters_.send_failed.Add();
+  return s;
+}
+
+absl::Status LocalController::RaiseEdge(Gsi gsi, bool traced) {
+  const uint64_t raised = traced ? MonotonicNanos() : 0;
+  if (gsi.value() >= transport::kMaxGsi) {
+    return absl::InvalidArgumentError(fmt::format("raise: GSI {} is out of range (below {})", gsi,
+                                                  transport::kMaxGsi));
+  }
+  SpinGuard g(send_lock_);
+  // Both frames under one hold of the lock: no other change of this GSI can come between them.
+  if (auto s = SendGsiLevel(gsi, true, traced, raised); !s.ok()) return s;
+  gsi_level_[gsi.value()].store(0, std::memory_order_relaxed);
+  counters_.raised.Add();
+  return SendGsiLevel(gsi, false, false, 0);
+}
+
+absl::Status LocalController::SetLevel(Gsi gsi, bool asserted, bool traced) {
+  const uint64_t raised = traced ? MonotonicNanos() : 0;
+  if (gsi.value() >= transport::kMaxGsi) {
+    return absl::InvalidArgumentError(fmt::format("set level: GSI {} is out of range (below {})", gsi,
+                                                  transport::kMaxGsi));
+  }
+  SpinGuard g(send_lock_);
+  // The level check and the send under one hold: two threads changing one GSI reach the master in the order of
+  // their effect here.
+  auto& level = gsi_level_[gsi.value()];
+  if (level.load(std::memory_order_relaxed) == (asserted ? 1 : 0)) {
+    counters_.level_unchanged.Add();
+    return absl::OkStatus();
+  }
+  if (auto s = SendGsiLevel(gsi, asserted, traced, raised); !s.ok()) return s;
+  level.store(asserted ? 1 : 0, std::memory_order_relaxed);
+  counters_.raised.Add();
+  return absl::OkStatus();
+}
+
+absl::Status LocalController::SignalMsi(uint64_t address, uint32_t data, bool traced) {
+  Frame f;
+  f.type = FrameType::kInterrupt;
+  InterruptPayload p;
+  p.kind = InterruptPayload::Kind::kMsi;
+  p.msi_address = address;
+  p.msi_data = data;
+  f.payload = p;
+  if (traced) {
+    f.flags = transport::kFlagTraced;
+    f.trace.trace_id = next_trace_id_.fetch_add(1, std::memory_order_relaxed);
+    f.trace.raised = MonotonicNanos();
+    f.trace.local_controller = StampHop(f.trace);
+  }
+  absl::Status s = SendToMaster(f);  // INVALID_ARGUMENT (from ValidateFrame) names a bad address/data
+  if (s.ok()) counters_.msis_sent.Add();
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// vCPU side.
+
+std::optional<Gsi> LocalController::pending_level(VcpuIndex vcpu, Vector vector) const {
+  if (vcpu.value() >= config_.num_vcpus) return std::nullopt;
+  const uint32_t e = pending_[vcpu.value()][vector.value()].load(std::memory_order_acquire);
+  if (e == 0) return std::nullopt;
+  return Gsi(e - 1);
+}
+
+void LocalController::OnGuestEoi(VcpuIndex vcpu, Vector vector) {
+  if (vcpu.value() >= config_.num_vcpus) {
+    counters_.eois_unmatched.Add();
+    return;
+  }
+  // acquire: pairs with the release store made before Inject, so the GSI read is the one injected.
+  const uint32_t e = pending_[vcpu.value()][vector.value()].exchange(0, std::memory_order_acq_rel);
+  if (e == 0) {
+    counters_.eois_unmatched.Add();
+    return;
+  }
+  Frame f;
+  f.type = FrameType::kEoi;
+  f.payload = EoiPayload{.vcpu = vcpu, .vector = vector, .gsi = Gsi(e - 1)};
+  if (SendToMaster(f).ok()) counters_.eois_sent.Add();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Data-plane thread.
+
+absl::StatusOr<size_t> LocalController::PollOnce() { return Handle(transport_->Poll(batch_)); }
+
+absl::Status LocalController::Run(std::stop_token stop) {
+  while (!stop.stop_requested()) {
+    auto n = config_.wait_mode == transport::WaitMode::kBusyPoll ? transport_->Poll(batch_)
+                                                                  : transport_->Wait(batch_, config_.idle_wait);
+    auto handled = Handle(std::move(n));
+    if (!handled.ok()) return handled.status();
+    if (master_lost()) return absl::UnavailableError("the master left the data plane (goodbye)");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> LocalController::Handle(absl::StatusOr<size_t> polled) {
+  if (!polled.ok()) {
+    // The agent's only peer on the data plane is the master (direct IPIs to peers are the next issue's): any loss
+    // the transport reports is checked against the master with a ping.
+    if (polled.status().code() == absl::StatusCode::kUnavailable) {
+      Frame ping;
+      ping.type = FrameType::kControl;
+      ping.payload = ControlPayload{.op = ControlPayload::Op::kPing, .arg0 = 0, .arg1 = 0};
+      const absl::Status s = SendToMaster(ping);
+      if (s.code() == absl::StatusCode::kUnavailable) {
+        MasterLost(s);
+        return s;
+      }
+      return size_t{0};
+    }
+    return polled.status();
+  }
+  for (size_t i = 0; i < *polled; ++i) HandleFrame(batch_[i]);
+  return *polled;
+}
+
+void LocalController::MasterLost(const absl::Status& why) {
+  if (master_lost_.exchange(true, std::memory_order_acq_rel)) return;
+  counters_.master_lost.Add();
+  if (io_forwarder_ != nullptr) io_forwarder_->FailAll(why);
+}
+
+void LocalController::HandleFrame(transport::ReceivedFrame& rf) {
+  counters_.frames_received.Add();
+  Frame& f = rf.frame;
+  if (f.type == FrameType::kDeliver) {
+    if (const auto* p = std::get_if<DeliverPayload>(&f.payload)) return HandleDeliver(*p, f);
+  } else if (rf.from == config_.master) {
+    switch (f.type) {
+      case FrameType::kControl:
+        if (const auto* p = std::get_if<ControlPayload>(&f.payload)) return HandleControl(*p);
+        break;
+      case FrameType::kIoResponse:
+        if (const auto* p = std::get_if<IoRequestPayload>(&f.payload)) {
+          if (io_forwarder_ == nullptr) {
+            counters_.dropped_no_forwarder.Add();
+            return;
+          }
+          counters_.io_responses.Add();
+          io_forwarder_->OnResponse(*p);
+          return;
+        }
+        break;
+      default: break;
+    }
+  }
+  counters_.dropped_unexpected.Add();
+}
+
+void LocalController::HandleDeliver(const DeliverPayload& p, Frame& f) {
+  if (p.vcpu.value() >= config_.num_vcpus) {
+    counters_.dropped_unknown_vcpu.Add();
+    return;
+  }
+  if (owned_[p.vcpu.value()] == 0) {
+    counters_.dropped_not_owned.Add();
+    return;
+  }
+  if (f.traced()) f.trace.target_received = StampHop(f.trace);
+  const bool level = p.level_triggered != 0;
+  if (level) {
+    // Recorded before the injection (release): the guest's EOI may race with our return from Inject.
+    pending_[p.vcpu.value()][p.vector.value()].store(p.gsi.value() + 1, std::memory_order_release);
+  }
+  const absl::Status s = vm_->Inject(p.vcpu, p.vector, p.mode, level);
+  if (!s.ok()) {
+    counters_.inject_failed.Add();
+    if (level) pending_[p.vcpu.value()][p.vector.value()].store(0, std::memory_order_relaxed);
+    return;
+  }
+  counters_.delivered.Add();
+  if (level) counters_.level_delivered.Add();
+  if (f.traced()) {
+    f.trace.injected = StampHop(f.trace);
+    if (config_.on_trace) config_.on_trace(f.trace);
+  }
+}
+
+void LocalController::HandleControl(const ControlPayload& p) {
+  switch (p.op) {
+    case ControlPayload::Op::kRaiseGsi: {
+      // The frame decoder already checked arg0 < kMaxGsi and the flag bits (transport/frame.cc).
+      const Gsi gsi(static_cast<uint32_t>(p.arg0));
+      const bool traced = (p.arg1 & ControlPayload::kRaiseTraced) != 0;
+      const absl::Status s = (p.arg1 & ControlPayload::kRaiseLevel)
+                                 ? SetLevel(gsi, (p.arg1 & ControlPayload::kRaiseAssert) != 0, traced)
+                                 : RaiseEdge(gsi, traced);
+      if (s.ok()) {
+        counters_.control_raises.Add();
+      } else {
+        counters_.dropped_bad_control.Add();
+      }
+      return;
+    }
+    case ControlPayload::Op::kPing:
+    case ControlPayload::Op::kPong:
+      counters_.pings.Add();
+      return;
+    case ControlPayload::Op::kGoodbye:
+      MasterLost(absl::UnavailableError("the master said goodbye on the data plane"));
+      return;
+    case ControlPayload::Op::kHello:
+      break;
+  }
+  counters_.dropped_bad_control.Add();
+}
+
+}  // namespace aggvm::agent

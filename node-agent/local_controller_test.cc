@@ -1,0 +1,350 @@
+// LocalController and IoForwarder over real TcpTransports on loopback; the "master" is a raw transport driven by the
+// test, so every frame the node sends is checked and every frame it receives is chosen.
+#include "node-agent/local_controller.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "common/clock.h"
+#include "node-agent/io_forwarder.h"
+#include "tests/dataplane/tcp_mesh.h"
+
+namespace aggvm::agent {
+namespace {
+
+using testing::NextFrame;
+using testing::TcpStar;
+using transport::ControlPayload;
+using transport::DeliverPayload;
+using transport::EoiPayload;
+using transport::Frame;
+using transport::FrameType;
+using transport::InterruptPayload;
+using transport::IoRequestPayload;
+
+constexpr NodeId kMaster{0}, kNode{1};
+
+struct Injection {
+  VcpuIndex vcpu;
+  Vector vector;
+  irqchip::DeliveryMode mode;
+  bool level;
+};
+
+class RecordingPort : public VmPort {
+ public:
+  absl::Status Inject(VcpuIndex vcpu, Vector vector, irqchip::DeliveryMode mode, bool level) override {
+    std::lock_guard<std::mutex> l(mu_);
+    injections_.push_back({vcpu, vector, mode, level});
+    cv_.notify_all();
+    return absl::OkStatus();
+  }
+  bool WaitFor(size_t n, absl::Duration timeout = absl::Seconds(5)) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return injections_.size() >= n; });
+  }
+  std::vector<Injection> injections() {
+    std::lock_guard<std::mutex> l(mu_);
+    return injections_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Injection> injections_;
+};
+
+struct Fixture {
+  TcpStar star;
+  RecordingPort port;
+  std::unique_ptr<LocalController> lc;
+  std::unique_ptr<IoForwarder> io;
+  std::jthread thread;
+  absl::Status run_status;
+  std::mutex trace_mu;
+  std::vector<transport::TraceBlock> traces;
+
+  static std::unique_ptr<Fixture> Make(IoForwarderOptions io_options = {}) {
+    auto f = std::make_unique<Fixture>();
+    auto star = TcpStar::Make({kMaster, kNode});
+    EXPECT_TRUE(star.ok()) << star.status();
+    if (!star.ok()) return nullptr;
+    f->star = *std::move(star);
+    LocalControllerConfig c;
+    c.master = kMaster;
+    c.num_vcpus = 4;
+    c.owned = {VcpuIndex(1), VcpuIndex(3)};
+    Fixture* raw = f.get();
+    c.on_trace = [raw](const transport::TraceBlock& t) {
+      std::lock_guard<std::mutex> l(raw->trace_mu);
+      raw->traces.push_back(t);
+    };
+    auto lc = LocalController::Create(std::move(c), &f->star.node(1), &f->port);
+    EXPECT_TRUE(lc.ok()) << lc.status();
+    if (!lc.ok()) return nullptr;
+    f->lc = *std::move(lc);
+    f->io = std::make_unique<IoForwarder>(f->lc.get(), 4, io_options);
+    f->thread = std::jthread([raw](std::stop_token st) { raw->run_status = raw->lc->Run(st); });
+    return f;
+  }
+  transport::TcpTransport& master() { return star.master(); }
+  void FromMaster(Frame f) { ASSERT_TRUE(master().Send(kNode, f).ok()); }
+};
+
+InterruptPayload ExpectGsi(transport::Transport& t, uint32_t gsi, uint8_t level, Frame* out = nullptr) {
+  auto f = NextFrame(t);
+  EXPECT_TRUE(f);
+  if (!f) return {};
+  EXPECT_EQ(f->frame.type, FrameType::kInterrupt);
+  const auto p = std::get<InterruptPayload>(f->frame.payload);
+  EXPECT_EQ(p.kind, InterruptPayload::Kind::kGsiLevel);
+  EXPECT_EQ(p.gsi, Gsi(gsi));
+  EXPECT_EQ(p.level, level);
+  if (out) *out = f->frame;
+  return p;
+}
+
+Frame Deliver(uint32_t vcpu, uint8_t vector, bool level = false, uint32_t gsi = 0) {
+  Frame f;
+  f.type = FrameType::kDeliver;
+  DeliverPayload d;
+  d.vcpu = VcpuIndex(vcpu);
+  d.vector = Vector(vector);
+  d.level_triggered = level ? 1 : 0;
+  d.gsi = Gsi(level ? gsi : 0);
+  f.payload = d;
+  return f;
+}
+
+TEST(LocalController, EdgeIsAssertThenDeassertAndTraced) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  const uint64_t before = MonotonicNanos();
+  ASSERT_TRUE(f->lc->RaiseEdge(Gsi(4), true).ok());
+  Frame first;
+  ExpectGsi(f->master(), 4, 1, &first);
+  ASSERT_TRUE(first.traced());
+  EXPECT_GE(first.trace.raised, before);
+  EXPECT_GT(first.trace.local_controller, first.trace.raised);
+  Frame second;
+  ExpectGsi(f->master(), 4, 0, &second);
+  EXPECT_FALSE(second.traced());
+  EXPECT_EQ(f->lc->RaiseEdge(Gsi(4096)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(f->lc->counters().raised, 1u);
+}
+
+TEST(LocalController, LevelIsHeldAndUnchangedLevelsSendNothing) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  ASSERT_TRUE(f->lc->SetLevel(Gsi(9), true).ok());
+  ASSERT_TRUE(f->lc->SetLevel(Gsi(9), true).ok());
+  ASSERT_TRUE(f->lc->SetLevel(Gsi(9), false).ok());
+  ASSERT_TRUE(f->lc->SetLevel(Gsi(9), false).ok());
+  ExpectGsi(f->master(), 9, 1);
+  ExpectGsi(f->master(), 9, 0);
+  EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50)));
+  EXPECT_EQ(f->lc->counters().level_unchanged, 2u);
+}
+
+TEST(LocalController, DeliveriesAreInjectedIntoOwnedVcpusOnly) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  Frame traced = Deliver(3, 0x40);
+  traced.flags = transport::kFlagTraced;
+  traced.trace.trace_id = 5;
+  traced.trace.raised = MonotonicNanos() - 5000;
+  traced.trace.master_decided = traced.trace.raised + 100;
+  f->FromMaster(traced);
+  f->FromMaster(Deliver(0, 0x41));  // vCPU 0 is not this node's
+  f->FromMaster(Deliver(7, 0x42));  // no vCPU 7
+  f->FromMaster(Deliver(1, 0x43));
+  ASSERT_TRUE(f->port.WaitFor(2));
+  absl::SleepFor(absl::Milliseconds(20));
+  const auto inj = f->port.injections();
+  ASSERT_EQ(inj.size(), 2u);
+  EXPECT_EQ(inj[0].vcpu, VcpuIndex(3));
+  EXPECT_EQ(inj[0].vector, Vector(0x40));
+  EXPECT_EQ(inj[1].vcpu, VcpuIndex(1));
+  const auto c = f->lc->counters();
+  EXPECT_EQ(c.dropped_not_owned, 1u);
+  EXPECT_EQ(c.dropped_unknown_vcpu, 1u);
+  EXPECT_EQ(c.delivered, 2u);
+  std::lock_guard<std::mutex> l(f->trace_mu);
+  ASSERT_EQ(f->traces.size(), 1u);
+  EXPECT_EQ(f->traces[0].trace_id, 5u);
+  EXPECT_GT(f->traces[0].target_received, f->traces[0].raised);
+  EXPECT_GE(f->traces[0].injected, f->traces[0].target_received);
+}
+
+TEST(LocalController, LevelDeliveryEoiGoesBackWithItsGsi) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  f->FromMaster(Deliver(1, 0x70, true, 7));
+  ASSERT_TRUE(f->port.WaitFor(1));
+  EXPECT_TRUE(f->port.injections()[0].level);
+  EXPECT_EQ(f->lc->pending_level(VcpuIndex(1), Vector(0x70)), Gsi(7));
+  f->lc->OnGuestEoi(VcpuIndex(1), Vector(0x71));  // not pending: nothing sent
+  f->lc->OnGuestEoi(VcpuIndex(1), Vector(0x70));
+  auto fr = NextFrame(f->master());
+  ASSERT_TRUE(fr);
+  ASSERT_EQ(fr->frame.type, FrameType::kEoi);
+  const auto e = std::get<EoiPayload>(fr->frame.payload);
+  EXPECT_EQ(e.vcpu, VcpuIndex(1));
+  EXPECT_EQ(e.vector, Vector(0x70));
+  EXPECT_EQ(e.gsi, Gsi(7));
+  f->lc->OnGuestEoi(VcpuIndex(1), Vector(0x70));  // already answered
+  EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50)));
+  EXPECT_EQ(f->lc->counters().eois_sent, 1u);
+  EXPECT_EQ(f->lc->counters().eois_unmatched, 2u);
+}
+
+TEST(LocalController, RaiseGsiFromTheMasterIsRaisedHere) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  Frame c;
+  c.type = FrameType::kControl;
+  c.payload = ControlPayload{.op = ControlPayload::Op::kRaiseGsi, .arg0 = 12,
+                             .arg1 = ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced};
+  f->FromMaster(c);
+  Frame first;
+  ExpectGsi(f->master(), 12, 1, &first);
+  EXPECT_TRUE(first.traced());
+  ExpectGsi(f->master(), 12, 0);
+  c.payload = ControlPayload{.op = ControlPayload::Op::kRaiseGsi, .arg0 = 13,
+                             .arg1 = ControlPayload::kRaiseAssert | ControlPayload::kRaiseLevel};
+  f->FromMaster(c);
+  ExpectGsi(f->master(), 13, 1);
+  EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50))) << "a level is held";
+  EXPECT_EQ(f->lc->counters().control_raises, 2u);
+}
+
+// The master's side of forwarded I/O in these tests: answers `count` requests, reads with data = address * 3 + vCPU
+// (cut to the access size). With `reverse_pairs`, two requests in flight (necessarily of different vCPUs: a vCPU has
+// one at a time) are answered in the opposite order; a lone request is answered after 5 ms without company.
+uint64_t Expected(uint64_t address, uint32_t vcpu, uint8_t size) {
+  return (address * 3 + vcpu) & ((uint64_t{1} << (8 * size)) - 1);
+}
+
+void AnswerRequests(transport::Transport& master, size_t count, bool reverse_pairs) {
+  std::vector<transport::ReceivedFrame> pending;
+  size_t answered = 0;
+  auto answer = [&](const transport::ReceivedFrame& r) {
+    IoRequestPayload p = std::get<IoRequestPayload>(r.frame.payload);
+    if (!p.is_write) p.data = Expected(p.address, p.vcpu.value(), p.size);
+    Frame resp;
+    resp.type = FrameType::kIoResponse;
+    resp.payload = p;
+    ASSERT_TRUE(master.Send(r.from, resp).ok());
+    ++answered;
+  };
+  while (answered < count) {
+    auto r = NextFrame(master, pending.empty() ? absl::Seconds(5) : absl::Milliseconds(5));
+    if (!r) {
+      ASSERT_FALSE(pending.empty()) << "no request after " << answered << " answers";
+      answer(pending[0]);
+      pending.clear();
+      continue;
+    }
+    ASSERT_EQ(r->frame.type, FrameType::kIoRequest);
+    if (!reverse_pairs) {
+      answer(*r);
+      continue;
+    }
+    pending.push_back(*r);
+    if (pending.size() == 2) {
+      answer(pending[1]);
+      answer(pending[0]);
+      pending.clear();
+    }
+  }
+}
+
+TEST(IoForwarder, ConcurrentVcpusGetTheirOwnAnswers) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  constexpr int kPerVcpu = 200;
+  std::jthread master([&] { AnswerRequests(f->master(), 4 * kPerVcpu, true); });
+  std::vector<std::jthread> vcpus;
+  std::atomic<int> wrong{0};
+  for (uint32_t v = 0; v < 4; ++v) {
+    vcpus.emplace_back([&, v] {
+      for (int i = 0; i < kPerVcpu; ++i) {
+        const uint64_t port = 0x100 + v * 0x100 + static_cast<uint64_t>(i);
+        auto r = f->io->Forward(VcpuIndex(v), IoAccess{.size = 2, .address = port});
+        if (!r.ok() || r->data != Expected(port, v, 2) || r->no_device) wrong.fetch_add(1);
+      }
+    });
+  }
+  vcpus.clear();
+  master.join();
+  EXPECT_EQ(wrong.load(), 0);
+  // Counted by the data-plane thread just after it woke the waiter.
+  const absl::Time end = absl::Now() + absl::Seconds(5);
+  while (f->io->counters().responses < 4u * kPerVcpu && absl::Now() < end) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(f->io->counters().responses, 4u * kPerVcpu);
+  EXPECT_EQ(f->io->counters().unexpected, 0u);
+}
+
+TEST(IoForwarder, TimeoutThenALateAnswerDoesNotAnswerTheNextRequest) {
+  auto f = Fixture::Make(IoForwarderOptions{.timeout = absl::Milliseconds(100), .spin = absl::Microseconds(10)});
+  ASSERT_TRUE(f);
+  auto r = f->io->Forward(VcpuIndex(2), IoAccess{.size = 1, .address = 0x3F8});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(std::string(r.status().message()), ::testing::HasSubstr("port 0x3f8 by vCPU 2"));
+  // The master answers late; then the same vCPU's next request (same port!) must get ITS answer.
+  std::jthread master([&] { AnswerRequests(f->master(), 2, false); });
+  auto again = f->io->Forward(VcpuIndex(2), IoAccess{.size = 1, .address = 0x3F8});
+  master.join();
+  // The first answer went to the timed-out request and was discarded; the second is this request's.
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->data, Expected(0x3F8, 2, 1));
+  EXPECT_EQ(f->io->counters().stale_responses, 1u);
+  EXPECT_EQ(f->io->counters().timeouts, 1u);
+}
+
+TEST(IoForwarder, MasterLossFailsAccessInFlightAndStopsTheLoop) {
+  auto f = Fixture::Make(IoForwarderOptions{.timeout = absl::Seconds(10)});
+  ASSERT_TRUE(f);
+  absl::StatusOr<IoResult> r;
+  std::jthread vcpu([&] { r = f->io->Forward(VcpuIndex(1), IoAccess{.is_write = true, .size = 1,
+                                                                      .address = 0x3F8, .data = 'x'}); });
+  ASSERT_TRUE(NextFrame(f->master()));
+  const absl::Time start = absl::Now();
+  f->master().Close();
+  vcpu.join();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), ::testing::HasSubstr("master is lost"));
+  f->thread.join();
+  EXPECT_EQ(f->run_status.code(), absl::StatusCode::kUnavailable) << f->run_status;
+  EXPECT_TRUE(f->lc->master_lost());
+  EXPECT_EQ(f->io->Forward(VcpuIndex(1), IoAccess{.size = 1, .address = 0x3F8}).status().code(),
+            absl::StatusCode::kUnavailable);
+}
+
+TEST(LocalController, CreateRefusesBadConfigs) {
+  auto star = TcpStar::Make({kMaster, kNode});
+  ASSERT_TRUE(star.ok());
+  RecordingPort port;
+  LocalControllerConfig c;
+  c.master = kMaster;
+  c.num_vcpus = 2;
+  c.owned = {VcpuIndex(2)};
+  EXPECT_FALSE(LocalController::Create(c, &star->node(1), &port).ok());
+  c.owned = {VcpuIndex(1), VcpuIndex(1)};
+  EXPECT_FALSE(LocalController::Create(c, &star->node(1), &port).ok());
+  c.owned = {VcpuIndex(1)};
+  c.master = kNode;
+  EXPECT_FALSE(LocalController::Create(c, &star->node(1), &port).ok());
+  c.master = kMaster;
+  EXPECT_TRUE(LocalController::Create(c, &star->node(1), &port).ok());
+}
+
+}  // namespace
+}  // namespace aggvm::agent
