@@ -13,6 +13,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev iproute2 procps
   # the rdma_rxe test VM
   qemu-system-x86 busybox-static cpio kmod
+  # the latency lab: metrics endpoint and plots
+  prometheus-cpp-dev gnuplot-nox
 )
 
 missing=()

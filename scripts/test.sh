@@ -66,6 +66,7 @@ if [ $quick -eq 0 ]; then
   # The sanitizer build runs every test except the ones inside the TCG rdma_rxe VM (label rxe): those are
   # minutes of emulated CPU and exercise the same code the normal build already ran there.
   if build_or_fail asan; then
+    AGGVM_FUZZ_REPLAY_INPUTS=20000 \
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
       run_ctest asan "$root/build-asan" -LE rxe
   fi
