@@ -16,10 +16,18 @@ int main(int argc, char** argv) {
   std::vector<std::vector<uint8_t>> corpus;
   for (int i = 1; i < argc; ++i) {
     std::error_code ec;
-    if (!std::filesystem::is_directory(argv[i], ec)) continue;
+    if (!std::filesystem::is_directory(argv[i], ec)) {
+      std::fprintf(stderr, "corpus folder %s does not exist: a replay without its seeds tests almost nothing\n", argv[i]);
+      return 2;
+    }
+    size_t before = corpus.size();
     for (const auto& e : std::filesystem::directory_iterator(argv[i])) {
       std::ifstream in(e.path(), std::ios::binary);
       corpus.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    if (corpus.size() == before) {
+      std::fprintf(stderr, "corpus folder %s is empty: add seed inputs\n", argv[i]);
+      return 2;
     }
   }
   for (const auto& c : corpus) LLVMFuzzerTestOneInput(c.data(), c.size());

@@ -28,7 +28,9 @@ done
 
 total_pass=0
 total_fail=0
+total_skip=0
 failed_flavours=()
+skipped_names=()
 
 run_ctest() {  # <flavour> <build dir> [extra ctest args]
   local flavour=$1 dir=$2
@@ -47,8 +49,18 @@ run_ctest() {  # <flavour> <build dir> [extra ctest args]
   local failed outof
   failed=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$line")
   outof=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\2/' <<<"$line")
-  total_pass=$((total_pass + outof - failed))
+  # ctest counts a skipped test (GTEST_SKIP, exit 77) in "out of N" as not failed: count it apart and name it.
+  local skipped=0 name
+  while IFS= read -r name; do
+    skipped=$((skipped + 1)); skipped_names+=("$flavour: $name")
+  done < <(grep -E '^[[:space:]]*[0-9]+ - .* \(Skipped\)$' "$log" | sed -E 's/^[[:space:]]*[0-9]+ - (.*) \(Skipped\)$/\1/')
+  if [ "$skipped" -gt 0 ] && [ -f "$dir/Testing/Temporary/LastTest.log" ]; then
+    echo "=== $flavour: why tests were skipped"
+    grep -ohE 'skipping: .*|rxe_vm: SKIP: .*' "$dir/Testing/Temporary/LastTest.log" | sort | uniq -c
+  fi
+  total_pass=$((total_pass + outof - failed - skipped))
   total_fail=$((total_fail + failed))
+  total_skip=$((total_skip + skipped))
   [ "$failed" -eq 0 ] || failed_flavours+=("$flavour")
 }
 
@@ -88,6 +100,10 @@ if [ $quick -eq 0 ]; then
 fi
 
 echo
+if [ $total_skip -gt 0 ]; then
+  echo "skipped (a prerequisite is missing; the reason is in each test's output above, or run with --require-all to make it a failure):"
+  printf '  %s\n' "${skipped_names[@]}"
+fi
 [ ${#failed_flavours[@]} -eq 0 ] || echo "failed: ${failed_flavours[*]}"
-echo "aggvm: $total_pass passed, $total_fail failed"
+echo "aggvm: $total_pass passed, $total_fail failed, $total_skip skipped"
 [ $total_fail -eq 0 ]

@@ -1,6 +1,8 @@
 #include "tests/support/require.h"
 
 #include <fcntl.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -24,7 +26,13 @@ bool IsRequired(std::string_view what) {
 std::string KvmUnavailableReason() {
   int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (fd < 0) return std::string("cannot open /dev/kvm: ") + std::strerror(errno);
+  const int version = ::ioctl(fd, KVM_GET_API_VERSION, 0);
+  const int err = errno;
   ::close(fd);
+  if (version != KVM_API_VERSION) {
+    return "/dev/kvm does not answer KVM_GET_API_VERSION with " + std::to_string(KVM_API_VERSION) + " (got " +
+           std::to_string(version) + (version < 0 ? std::string(": ") + std::strerror(err) : std::string()) + ")";
+  }
   return {};
 }
 
