@@ -63,6 +63,15 @@ enum aggvm_workload {
 #define AGGVM_BOOTINFO_MAGIC 0x41474756u /* "VGGA" */
 #define AGGVM_BOOTINFO_VERSION 1u
 #define AGGVM_BOOT_X2APIC 0x1u           /* flags: enable the LAPIC in x2APIC mode (else xAPIC MMIO at 0xFEE00000) */
+#define AGGVM_BOOT_UART_CONSOLE 0x2u     /* flags: console text goes to the 16550 UART at AGGVM_UART_BASE (the VM's one
+                                            console, on the master) instead of AGGVM_PORT_CONSOLE */
+
+/* The 16550 UART used with AGGVM_BOOT_UART_CONSOLE (PC16550D datasheet, "Registers"): the guest waits for LSR.THRE
+   (bit 5) before each write to THR. */
+#define AGGVM_UART_BASE 0x3f8u
+#define AGGVM_UART_THR 0u  /* offset: transmitter holding register (write, DLAB = 0) */
+#define AGGVM_UART_LSR 5u  /* offset: line status register (read) */
+#define AGGVM_UART_LSR_THRE 0x20u
 
 struct aggvm_boot_info {
   uint32_t magic;

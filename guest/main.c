@@ -78,6 +78,11 @@ extern char aggvm_pong_handler[];
 
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
 static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
+static inline uint8_t inb(uint16_t port) {
+  uint8_t v;
+  __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+  return v;
+}
 static inline uint64_t rdtsc(void) {
   uint32_t lo, hi;
   __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
@@ -119,8 +124,21 @@ void *memcpy(void *d, const void *s, size_t n) {
 
 /* ---- reporting ---- */
 
+/* Set from BootInfo.flags by every vCPU (all write the same value): console through the UART (AGGVM_BOOT_UART_CONSOLE).
+   Before the BootInfo is read (an early error) the paravirtual port is used. */
+static volatile uint32_t uart_console;
+
+static void put_char(char c) {
+  if (uart_console) {
+    /* A forwarded UART answers LSR at once; a real 16550 may be busy shifting out the previous character. */
+    while (!(inb(AGGVM_UART_BASE + AGGVM_UART_LSR) & AGGVM_UART_LSR_THRE)) __asm__ volatile("pause");
+    outb(AGGVM_UART_BASE + AGGVM_UART_THR, (uint8_t)c);
+  } else {
+    outb(AGGVM_PORT_CONSOLE, (uint8_t)c);
+  }
+}
 static void put_str(const char *s) {
-  while (*s) outb(AGGVM_PORT_CONSOLE, (uint8_t)*s++);
+  while (*s) put_char(*s++);
 }
 static void put_dec(uint64_t v) {
   char buf[21];
@@ -342,6 +360,7 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t boot_info_gpa
     fail(pc, AGGVM_GERR_BAD_BOOTINFO, bi->magic, bi->version);
   if (bi->num_vcpus == 0 || bi->num_vcpus > AGGVM_MAX_VCPUS || index >= bi->num_vcpus)
     fail(pc, AGGVM_GERR_BAD_BOOTINFO, bi->num_vcpus, index);
+  uart_console = (bi->flags & AGGVM_BOOT_UART_CONSOLE) != 0;
   uint32_t workload = bi->workload;
   if (!valid_workload(workload)) fail(pc, AGGVM_GERR_BAD_WORKLOAD, workload, 0);
   if (workload == AGGVM_WORKLOAD_IPI_PINGPONG) {

@@ -2,7 +2,9 @@
 
 #include <linux/kvm.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <span>
 #include <variant>
 
@@ -60,6 +62,12 @@ ProbeVm::ProbeVm(ProbeVmConfig config, vcpu::Kvm kvm, vcpu::Vm vm, vcpu::GuestMe
     : config_(std::move(config)), kvm_(std::move(kvm)), vm_(std::move(vm)), mem_(std::move(mem)) {
   reports_.resize(config_.num_vcpus);
   partial_lines_.resize(config_.num_vcpus);
+  slot_of_.assign(config_.num_vcpus, -1);
+  if (config_.local_vcpus.empty()) {
+    for (uint32_t i = 0; i < config_.num_vcpus; ++i) config_.local_vcpus.push_back(VcpuIndex(i));
+  }
+  local_ = config_.local_vcpus;
+  for (size_t s = 0; s < local_.size(); ++s) slot_of_[local_[s].value()] = static_cast<int>(s);
 }
 
 ProbeVm::~ProbeVm() {
@@ -83,6 +91,17 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
     return absl::InvalidArgumentError(fmt::format(
         "ipi-pingpong needs two distinct vCPUs below num_vcpus = {} (ping {}, pong {})", config.num_vcpus,
         config.ping_vcpu, config.pong_vcpu));
+  }
+  for (size_t i = 0; i < config.local_vcpus.size(); ++i) {
+    const uint32_t v = config.local_vcpus[i].value();
+    if (v >= config.num_vcpus || (i > 0 && v <= config.local_vcpus[i - 1].value())) {
+      return absl::InvalidArgumentError(fmt::format(
+          "local_vcpus[{}] = {}: the local vCPUs must be ascending, distinct and below num_vcpus = {}", i, v,
+          config.num_vcpus));
+    }
+  }
+  if ((!config.forwarded_ports.empty() || !config.forwarded_mmio.empty()) && !config.forward_io) {
+    return absl::InvalidArgumentError("forwarded port / MMIO windows are set but forward_io is empty");
   }
   auto image_bytes = vcpu::ReadWholeFile(config.guest_elf);
   if (!image_bytes.ok()) return image_bytes.status();
@@ -145,7 +164,7 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
   bi.version = AGGVM_BOOTINFO_VERSION;
   bi.num_vcpus = pvm->config_.num_vcpus;
   bi.workload = pvm->config_.workload;
-  bi.flags = pvm->config_.x2apic ? AGGVM_BOOT_X2APIC : 0;
+  bi.flags = (pvm->config_.x2apic ? AGGVM_BOOT_X2APIC : 0) | (pvm->config_.uart_console ? AGGVM_BOOT_UART_CONSOLE : 0);
   bi.iterations = pvm->config_.iterations;
   bi.ping_vcpu = pvm->config_.ping_vcpu.value();
   bi.pong_vcpu = pvm->config_.pong_vcpu.value();
@@ -154,8 +173,8 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
   for (uint32_t i = 0; i < bi.num_vcpus; ++i) bi.apic_ids[i] = pvm->apic_id(VcpuIndex(i)).value();
   if (auto s = pvm->mem_.WriteObject(GuestAddress(AGGVM_BOOTINFO_GPA), bi); !s.ok()) return s;
 
-  for (uint32_t i = 0; i < pvm->config_.num_vcpus; ++i) {
-    pvm->vcpus_[i].StageRegs(vcpu::BootRegs(entry, VcpuIndex(i), GuestAddress(AGGVM_BOOTINFO_GPA)));
+  for (size_t s = 0; s < pvm->local_.size(); ++s) {
+    pvm->vcpus_[s].StageRegs(vcpu::BootRegs(entry, pvm->local_[s], GuestAddress(AGGVM_BOOTINFO_GPA)));
   }
   return pvm;
 }
@@ -164,9 +183,10 @@ absl::Status ProbeVm::SetUpVcpus() {
   auto cpuid = kvm_.SupportedCpuid();
   if (!cpuid.ok()) return cpuid.status();
   const bool user = config_.irqchip == vcpu::IrqchipMode::kUser;
-  vcpus_.reserve(config_.num_vcpus);
-  for (uint32_t i = 0; i < config_.num_vcpus; ++i) {
-    auto v = vm_.CreateVcpu(apic_id(VcpuIndex(i)));
+  vcpus_.reserve(local_.size());
+  for (const VcpuIndex index : local_) {
+    const uint32_t i = index.value();
+    auto v = vm_.CreateVcpu(apic_id(index));
     if (!v.ok()) return v.status();
     std::vector<kvm_cpuid_entry2> cpuid_entries = vcpu::CpuidForVcpu(*cpuid, v->id());
     if (user) {
@@ -179,8 +199,8 @@ absl::Status ProbeVm::SetUpVcpus() {
     auto sregs = v->GetSregs();
     if (!sregs.ok()) return sregs.status();
     if (auto s = v->SetSregs(vcpu::LongModeSregs(*sregs)); !s.ok()) return s;
-    // With the in-kernel LAPIC every vCPU but the BSP waits for INIT/SIPI; start them directly. Without one (user
-    // mode) KVM makes every vCPU runnable.
+    // With the in-kernel LAPIC every vCPU but the BSP (KVM vCPU id 0) waits for INIT/SIPI; start them directly.
+    // Without one (user mode) KVM makes every vCPU runnable.
     if (i != 0 && !user) {
       if (auto s = v->SetMpState(KVM_MP_STATE_RUNNABLE); !s.ok()) return s;
     }
@@ -199,15 +219,17 @@ absl::Status ProbeVm::SetUpVcpus() {
   }
   if (user) {
     std::vector<ApicId> ids;
-    for (uint32_t i = 0; i < config_.num_vcpus; ++i) ids.push_back(apic_id(VcpuIndex(i)));
+    for (const VcpuIndex index : local_) ids.push_back(apic_id(index));
     user_irqchip_ = std::make_unique<vcpu::UserIrqchip>(ids, vcpu::UserIrqchip::Options{tsc_khz_});
   }
-  threads_.reserve(config_.num_vcpus);
-  for (uint32_t i = 0; i < config_.num_vcpus; ++i) {
-    vcpu::VcpuInterruptHooks* hooks = user ? &user_irqchip_->hooks(VcpuIndex(i)) : nullptr;
+  threads_.reserve(local_.size());
+  for (size_t s = 0; s < local_.size(); ++s) {
+    const uint32_t i = local_[s].value();
+    const VcpuIndex slot(static_cast<uint32_t>(s));  // the user irqchip knows only the local vCPUs
+    vcpu::VcpuInterruptHooks* hooks = user ? &user_irqchip_->hooks(slot) : nullptr;
     threads_.push_back(std::make_unique<VcpuThread>(
-        vcpus_[i], [this, i](vcpu::VcpuExit& exit) { return HandleExit(i, exit); }, hooks));
-    if (user) user_irqchip_->Attach(VcpuIndex(i), vcpus_[i], *threads_.back());
+        vcpus_[s], [this, i](vcpu::VcpuExit& exit) { return HandleExit(i, exit); }, hooks));
+    if (user) user_irqchip_->Attach(slot, vcpus_[s], *threads_.back());
   }
   return absl::OkStatus();
 }
@@ -220,6 +242,30 @@ absl::Status ProbeVm::Start() {
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status ProbeVm::Pause(absl::Duration timeout) {
+  for (auto& t : threads_) t->Pause();
+  for (size_t s = 0; s < threads_.size(); ++s) {
+    if (!threads_[s]->started()) continue;
+    if (!threads_[s]->WaitForState(VcpuThread::State::kPaused, timeout)) {
+      const absl::Status err = error();
+      return absl::FailedPreconditionError(fmt::format("vCPU {} did not pause within {}{}", local_[s],
+                                                       absl::FormatDuration(timeout),
+                                                       err.ok() ? "" : fmt::format(" (the VM failed: {})", std::string(err.message()))));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ProbeVm::Resume() {
+  for (auto& t : threads_) t->Resume();
+}
+
+uint64_t ProbeVm::exits() const {
+  uint64_t n = 0;
+  for (const auto& t : threads_) n += t->exits();
+  return n;
 }
 
 void ProbeVm::Stop() {
@@ -248,17 +294,20 @@ uint64_t ProbeVm::Heartbeat(VcpuIndex index) {
 absl::Status ProbeVm::WaitDone(absl::Duration timeout) {
   std::unique_lock l(mu_);
   const bool ok = cv_.wait_for(l, absl::ToChronoNanoseconds(timeout),
-                               [&] { return !error_.ok() || done_count_ == config_.num_vcpus; });
+                               [&] { return !error_.ok() || done_count_ == local_.size(); });
   if (!error_.ok()) return error_;
   if (!ok) {
-    return absl::DeadlineExceededError(fmt::format("{} of {} vCPUs reported DONE within {}", done_count_,
-                                                   config_.num_vcpus, absl::FormatDuration(timeout)));
+    return absl::DeadlineExceededError(fmt::format("{} of {} local vCPUs reported DONE within {}", done_count_,
+                                                   local_.size(), absl::FormatDuration(timeout)));
   }
   return absl::OkStatus();
 }
 
 absl::Status ProbeVm::WaitForRecords(VcpuIndex index, guest::aggvm_record_type type, size_t count,
                                      absl::Duration timeout) {
+  if (!is_local(index)) {
+    return absl::InvalidArgumentError(fmt::format("vCPU {} does not run on this node", index));
+  }
   std::unique_lock l(mu_);
   auto have = [&] {
     size_t n = 0;
@@ -275,20 +324,25 @@ absl::Status ProbeVm::WaitForRecords(VcpuIndex index, guest::aggvm_record_type t
 }
 
 Action ProbeVm::Fail(uint32_t index, absl::Status status) {
+  bool first = false;
   {
     std::lock_guard l(mu_);
-    if (error_.ok()) error_ = status;
+    if (error_.ok()) {
+      error_ = status;
+      first = true;
+    }
   }
   cv_.notify_all();
+  if (first && config_.on_error) config_.on_error(status);
   // End the whole VM: the other vCPUs are kicked out (non-blocking); this one finishes by returning.
-  for (uint32_t j = 0; j < threads_.size(); ++j) {
-    if (j != index) threads_[j]->Stop();
+  for (size_t s = 0; s < threads_.size(); ++s) {
+    if (local_[s].value() != index) threads_[s]->Stop();
   }
   return Action::Finish(std::move(status));
 }
 
 Action ProbeVm::HandleRecord(uint32_t index, uint32_t gpa) {
-  const uint64_t rip = vcpus_[index].regs().rip;
+  const uint64_t rip = vcpus_[Slot(index)].regs().rip;
   if (gpa % 8 != 0) {
     return Fail(index, absl::InvalidArgumentError(fmt::format(
                            "vCPU {} sent a record at unaligned GPA {:#x} (RIP {:#x}); records must be 8-byte aligned",
@@ -319,8 +373,59 @@ Action ProbeVm::HandleRecord(uint32_t index, uint32_t gpa) {
   return Action::Continue();
 }
 
+std::optional<Action> ProbeVm::MaybeForward(uint32_t index, vcpu::VcpuExit& exit) {
+  if (!config_.forward_io) return std::nullopt;
+  ForwardedAccess a;
+  std::span<uint8_t> read_into;
+  const auto in_ports = [&](uint64_t port) {
+    for (auto [first, last] : config_.forwarded_ports) {
+      if (port >= first && port <= last) return true;
+    }
+    return false;
+  };
+  const auto in_mmio = [&](uint64_t gpa) {
+    for (auto [first, last] : config_.forwarded_mmio) {
+      if (gpa >= first && gpa <= last) return true;
+    }
+    return false;
+  };
+  if (auto* out = std::get_if<vcpu::IoOut>(&exit)) {
+    if (!in_ports(out->port) || out->count != 1) return std::nullopt;
+    a = {.mmio = false, .is_write = true, .size = out->size, .address = out->port, .data = out->Value()};
+  } else if (auto* in = std::get_if<vcpu::IoIn>(&exit)) {
+    if (!in_ports(in->port) || in->count != 1) return std::nullopt;
+    a = {.mmio = false, .is_write = false, .size = in->size, .address = in->port, .data = 0};
+    read_into = in->data.first(in->size);
+  } else if (auto* mr = std::get_if<vcpu::MmioRead>(&exit)) {
+    if (!in_mmio(mr->gpa.raw()) || mr->data.size() > 8) return std::nullopt;
+    a = {.mmio = true, .is_write = false, .size = static_cast<uint8_t>(mr->data.size()), .address = mr->gpa.raw()};
+    read_into = mr->data;
+  } else if (auto* mw = std::get_if<vcpu::MmioWrite>(&exit)) {
+    if (!in_mmio(mw->gpa.raw()) || mw->data.size() > 8) return std::nullopt;
+    uint64_t v = 0;
+    std::memcpy(&v, mw->data.data(), mw->data.size());
+    a = {.mmio = true, .is_write = true, .size = static_cast<uint8_t>(mw->data.size()), .address = mw->gpa.raw(),
+         .data = v};
+  } else {
+    return std::nullopt;
+  }
+  forwarded_.fetch_add(1, std::memory_order_relaxed);
+  auto r = config_.forward_io(VcpuIndex(index), a);
+  if (!r.ok()) {
+    return Fail(index, absl::Status(r.status().code(),
+                                    fmt::format("vCPU {}: forwarded access ({}) failed: {}", index,
+                                                vcpu::DescribeExit(exit), std::string(r.status().message()))));
+  }
+  if (!read_into.empty()) {
+    const uint64_t v = *r;
+    std::memcpy(read_into.data(), &v, std::min(read_into.size(), sizeof v));  // x86 is little-endian
+  }
+  return Action::Continue();
+}
+
 Action ProbeVm::HandleExit(uint32_t index, vcpu::VcpuExit& exit) {
-  const uint64_t rip = vcpus_[index].regs().rip;
+  const uint64_t rip = vcpus_[Slot(index)].regs().rip;
+  if (auto forwarded = MaybeForward(index, exit)) return *std::move(forwarded);
   if (auto* out = std::get_if<vcpu::IoOut>(&exit)) {
     if (out->count != 1) {
       return Fail(index, absl::InvalidArgumentError(fmt::format(
@@ -333,6 +438,7 @@ Action ProbeVm::HandleExit(uint32_t index, vcpu::VcpuExit& exit) {
         const char c = static_cast<char>(out->Value() & 0xFF);
         if (c != '\n') line.push_back(c);
         if (c == '\n' || line.size() >= kMaxLineChars) {
+          if (config_.on_console_line) config_.on_console_line(VcpuIndex(index), line);
           {
             std::lock_guard l(mu_);
             auto& lines = reports_[index].console_lines;

@@ -3,18 +3,28 @@
 // loaded at >= 1 MiB, long-mode tables, BootInfo, and one VcpuThread per vCPU handling the guest's ports. Both modes
 // look the same from outside: injector() takes MSIs, a level-triggered EOI is reported in VcpuReport::ioapic_eois.
 //
+// Distributed VMs: the VM has `num_vcpus` vCPUs (BootInfo lists every APIC ID) but this node creates and runs only
+// `local_vcpus` (KVM vCPU id = APIC ID = vCPU index); the others run on other nodes. Every node maps the whole guest
+// RAM and loads the image itself: memory is not coherent across nodes (the probe guest keeps per-vCPU data private).
+// In `user` mode the userspace router knows only the local APICs. Port / MMIO accesses in `forwarded_ports` /
+// `forwarded_mmio` go to `forward_io` (the agent sends them to the master's devices and blocks for the answer).
+//
 // The guest is untrusted: a record at a bad address, an unknown port, MMIO outside guest memory, a triple fault or an
 // ERROR record ends the VM with an error that names the vCPU, the exit and the guest RIP — never a crash or hang.
 // Once every vCPU reported DONE the VM is complete (its vCPUs idle until Stop()).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,6 +43,15 @@ namespace aggvm::agent {
 
 using Record = guest::aggvm_record;
 
+/// A guest access to a device that lives elsewhere (the master's UART, doorbell, IOAPIC registers).
+struct ForwardedAccess {
+  bool mmio = false;      // else port I/O
+  bool is_write = false;
+  uint8_t size = 1;       // 1, 2, 4 (ports); 1, 2, 4, 8 (MMIO)
+  uint64_t address = 0;   // port or guest-physical address
+  uint64_t data = 0;      // writes: the value, zero-extended
+};
+
 struct ProbeVmConfig {
   std::string guest_elf;
   uint32_t num_vcpus = 1;
@@ -49,6 +68,20 @@ struct ProbeVmConfig {
   std::function<void(VcpuIndex, const Record&)> on_record;
   /// Called on the vCPU's thread for a level-triggered EOI (KVM_EXIT_IOAPIC_EOI, or the user irqchip's broadcast).
   std::function<void(VcpuIndex, Vector)> on_ioapic_eoi;
+  /// Called once, on the failing vCPU's thread, with the error that ended the VM. May be empty.
+  std::function<void(const absl::Status&)> on_error;
+  /// Called on the vCPU's thread for every complete line on the paravirtual console port. May be empty.
+  std::function<void(VcpuIndex, std::string_view)> on_console_line;
+
+  /// The vCPUs this node runs (ascending, each < num_vcpus); empty = all of them (standalone).
+  std::vector<VcpuIndex> local_vcpus;
+  /// BootInfo flag AGGVM_BOOT_UART_CONSOLE: the guest writes its console to the 16550 at 0x3F8 (which must then be
+  /// forwarded, or it ends the VM as an unknown port).
+  bool uart_console = false;
+  /// Port windows [first, last] and MMIO windows [first, last] handled by `forward_io` on the vCPU's thread.
+  std::vector<std::pair<uint16_t, uint16_t>> forwarded_ports;
+  std::vector<std::pair<uint64_t, uint64_t>> forwarded_mmio;
+  std::function<absl::StatusOr<uint64_t>(VcpuIndex, const ForwardedAccess&)> forward_io;
 };
 
 /// What one vCPU reported.
@@ -68,9 +101,12 @@ class ProbeVm {
   ProbeVm(const ProbeVm&) = delete;
   ProbeVm& operator=(const ProbeVm&) = delete;
 
-  /// Starts every vCPU thread.
+  /// Starts every local vCPU thread.
   absl::Status Start();
-  /// OK once every vCPU reported DONE; the error that ended the VM; or DeadlineExceeded.
+  /// Pauses / resumes every local vCPU (they keep their state). Pause waits (bounded) until each thread is paused.
+  absl::Status Pause(absl::Duration timeout = absl::Seconds(5));
+  void Resume();
+  /// OK once every local vCPU reported DONE; the error that ended the VM; or DeadlineExceeded.
   absl::Status WaitDone(absl::Duration timeout);
   /// OK once vCPU `index` has sent at least `count` records of `type`; the VM's error; or DeadlineExceeded.
   absl::Status WaitForRecords(VcpuIndex index, guest::aggvm_record_type type, size_t count, absl::Duration timeout);
@@ -80,7 +116,13 @@ class ProbeVm {
   absl::Status error() const;
 
   [[nodiscard]] VcpuReport report(VcpuIndex index) const;
+  /// The VM's vCPU count (all nodes).
   [[nodiscard]] uint32_t num_vcpus() const { return config_.num_vcpus; }
+  /// The vCPUs this node runs, ascending.
+  [[nodiscard]] const std::vector<VcpuIndex>& local_vcpus() const { return local_; }
+  [[nodiscard]] bool is_local(VcpuIndex index) const {
+    return index.value() < slot_of_.size() && slot_of_[index.value()] >= 0;
+  }
   [[nodiscard]] ApicId apic_id(VcpuIndex index) const { return ApicId(index.value()); }
   [[nodiscard]] uint64_t tsc_khz() const { return tsc_khz_; }
   /// Guest TSC minus host TSC as measured before start (0 on these hosts; see ../shared/FACTS.md).
@@ -93,7 +135,12 @@ class ProbeVm {
   vcpu::UserIrqchip* user_irqchip() { return user_irqchip_.get(); }
   vcpu::Vm& vm() { return vm_; }
   vcpu::InterruptInjector& injector() { return *injector_; }
-  vcpu::VcpuThread& thread(VcpuIndex index) { return *threads_.at(index.value()); }
+  /// A local vCPU's thread (std::out_of_range for a vCPU another node runs).
+  vcpu::VcpuThread& thread(VcpuIndex index) { return *threads_.at(Slot(index.value())); }
+  /// Exits handled by the local vCPU threads, summed.
+  [[nodiscard]] uint64_t exits() const;
+  /// Accesses sent to forward_io, and of those failed.
+  [[nodiscard]] uint64_t forwarded_accesses() const { return forwarded_.load(std::memory_order_relaxed); }
 
  private:
   ProbeVm(ProbeVmConfig config, vcpu::Kvm kvm, vcpu::Vm vm, vcpu::GuestMemory mem);
@@ -101,6 +148,14 @@ class ProbeVm {
   vcpu::VcpuThread::ExitAction HandleExit(uint32_t index, vcpu::VcpuExit& exit);
   vcpu::VcpuThread::ExitAction HandleRecord(uint32_t index, uint32_t gpa);
   vcpu::VcpuThread::ExitAction Fail(uint32_t index, absl::Status status);
+  /// The exit is an access to a forwarded window: handled (Continue / Fail). nullopt: not forwarded.
+  std::optional<vcpu::VcpuThread::ExitAction> MaybeForward(uint32_t index, vcpu::VcpuExit& exit);
+  /// Index into vcpus_ / threads_ of local vCPU `index` (std::out_of_range otherwise).
+  size_t Slot(uint32_t index) const {
+    const int s = index < slot_of_.size() ? slot_of_[index] : -1;
+    if (s < 0) throw std::out_of_range("vCPU is not local");
+    return static_cast<size_t>(s);
+  }
 
   ProbeVmConfig config_;
   // Declaration order is teardown order in reverse: threads stop before vCPUs close, memory and VM go last.
@@ -109,8 +164,11 @@ class ProbeVm {
   vcpu::GuestMemory mem_;
   std::unique_ptr<vcpu::UserIrqchip> user_irqchip_;  // user mode; the threads below use it
   std::unique_ptr<vcpu::InterruptInjector> injector_;
-  std::vector<vcpu::Vcpu> vcpus_;
+  std::vector<VcpuIndex> local_;                    // the local vCPUs, ascending
+  std::vector<int> slot_of_;                        // per VM vCPU index: its index in vcpus_ / threads_, -1 if remote
+  std::vector<vcpu::Vcpu> vcpus_;                   // local vCPUs only
   std::vector<std::unique_ptr<vcpu::VcpuThread>> threads_;
+  std::atomic<uint64_t> forwarded_{0};
   uint64_t tsc_khz_ = 0;
   int64_t tsc_offset_ = 0;
 

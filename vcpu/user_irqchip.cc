@@ -283,7 +283,7 @@ UserIrqchip::UserIrqchip(std::span<const ApicId> ids, const Options& options)
   for (size_t i = 0; i < ids.size(); ++i) {
     irqchip::LocalApic::Config c;
     c.initial_id = ids[i];
-    c.bsp = i == 0;
+    c.bsp = ids[i].value() == 0;  // APIC ID 0 is the BSP (a node may run only some vCPUs of the VM)
     c.x2apic_supported = true;
     c.tsc_deadline_supported = false;  // not advertised in CPUID in this mode (see the header)
     if (options.tsc_khz != 0) c.tsc_khz = options.tsc_khz;

@@ -84,7 +84,8 @@ class UserIrqchip {
   /// Prepares `vm` (no vCPU created yet): user-space MSR exits and the MSR filter above.
   static absl::Status ConfigureVm(Vm& vm);
 
-  /// One LocalApic per vCPU: vCPU i has APIC ID ids[i]; vCPU 0 is the BSP.
+  /// One LocalApic per vCPU: vCPU i has APIC ID ids[i]; the one with APIC ID 0 (if any) is the BSP. A node that runs
+  /// only some of the VM's vCPUs lists only those: the router here knows only local APICs.
   UserIrqchip(std::span<const ApicId> ids, const Options& options);
   ~UserIrqchip();
   UserIrqchip(const UserIrqchip&) = delete;
