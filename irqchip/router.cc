@@ -55,13 +55,30 @@ absl::Status Router::ValidateTopology(const std::vector<VcpuInfo>& vcpus) {
   return absl::OkStatus();
 }
 
+absl::Status Router::CheckEntry(const ApicAddressing& a) const {
+  // No allocation: the statuses are built once per router (a guest can repeat a bad write as often as it likes).
+  if (!a.x2apic && a.id.value() >= kXapicBroadcast) return bad_xapic_id_;
+  if (a.x2apic && a.id.value() == kX2apicBroadcast) return bad_x2apic_id_;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Router> Router::Create(std::vector<VcpuInfo> vcpus, RouterConfig config) {
   if (auto s = ValidateTopology(vcpus); !s.ok()) return s;
   return Router(std::move(vcpus), config);
 }
 
 Router::Router(std::vector<VcpuInfo> vcpus, RouterConfig config)
-    : config_(config), vcpus_(std::move(vcpus)), active_(vcpus_.size(), VectorSet{}), scratch_(vcpus_.size()) {
+    : config_(config),
+      vcpus_(std::move(vcpus)),
+      active_(vcpus_.size(), VectorSet{}),
+      scratch_(vcpus_.size()),
+      bad_xapic_id_(absl::InvalidArgumentError(
+          "guest APIC update refused: xAPIC ID 0xFF or above (0xFF is the broadcast ID, SDM vol. 3, 11.6.2.1); the "
+          "router keeps the vCPU's previous addressing")),
+      bad_x2apic_id_(absl::InvalidArgumentError(
+          "guest APIC update refused: x2APIC ID 0xFFFFFFFF is the broadcast ID; the router keeps the vCPU's previous "
+          "addressing")) {
+  large_id_.reserve(vcpus_.size());  // RebuildIndex never allocates after this
   // The first arbitration of a vector starts the rotation at index 0 (the index after ~0u).
   last_winner_.fill(~0u);
   vector_pin_.fill(kNone);
@@ -78,27 +95,51 @@ void Router::RebuildIndex() {
   small_id_.fill(kNone);
   large_id_.clear();
   all_x2apic_ = true;
+  shared_ids_ = 0;
   for (size_t i = 0; i < vcpus_.size(); ++i) {
     const uint32_t id = vcpus_[i].apic.id.value();
     if (id < small_id_.size()) {
-      small_id_[id] = static_cast<int32_t>(i);
+      int32_t& slot = small_id_[id];
+      if (slot >= 0) ++shared_ids_;  // the second holder of this ID (a third one is not counted again)
+      slot = slot == kNone ? static_cast<int32_t>(i) : kShared;
     } else {
       large_id_.emplace_back(id, static_cast<uint32_t>(i));
     }
     all_x2apic_ = all_x2apic_ && vcpus_[i].apic.x2apic;
   }
   std::sort(large_id_.begin(), large_id_.end());
+  for (size_t k = 1; k < large_id_.size(); ++k) {
+    if (large_id_[k].first == large_id_[k - 1].first && (k < 2 || large_id_[k - 2].first != large_id_[k].first)) {
+      ++shared_ids_;
+    }
+  }
 }
 
 void Router::RefreshArbitration(uint32_t i) {
   arb_base_[i] = (vcpus_[i].apic.enabled ? 0 : kDisabledBit) | (static_cast<uint64_t>(vcpus_[i].priority) << 32);
 }
 
-int32_t Router::FindById(uint32_t id) const {
-  if (id < small_id_.size()) return small_id_[id];
+template <typename F>
+void Router::ForEachWithId(uint32_t id, F&& visit) const {
+  if (id < small_id_.size()) {
+    const int32_t i = small_id_[id];
+    if (i >= 0) {
+      visit(static_cast<uint32_t>(i));
+    } else if (i == kShared) {  // rare: the guest gave two APICs this ID
+      for (uint32_t k = 0; k < vcpus_.size(); ++k) {
+        if (vcpus_[k].apic.id.value() == id) visit(k);
+      }
+    }
+    return;
+  }
   auto it = std::lower_bound(large_id_.begin(), large_id_.end(), std::make_pair(id, uint32_t{0}));
-  if (it == large_id_.end() || it->first != id) return kNone;
-  return static_cast<int32_t>(it->second);
+  for (; it != large_id_.end() && it->first == id; ++it) visit(it->second);
+}
+
+bool Router::IdShared(uint32_t id) const {
+  if (id < small_id_.size()) return small_id_[id] == kShared;
+  auto it = std::lower_bound(large_id_.begin(), large_id_.end(), std::make_pair(id, uint32_t{0}));
+  return it != large_id_.end() && it->first == id && it + 1 != large_id_.end() && (it + 1)->first == id;
 }
 
 // Calls visit(index) once for every vCPU whose APIC `m` addresses (SDM 11.6.2), without regard to enable state.
@@ -107,11 +148,10 @@ template <typename F>
 void Router::ForEachMatch(const InterruptMessage& m, F&& visit) const {
   const auto n = static_cast<uint32_t>(vcpus_.size());
   switch (m.shorthand) {
-    case Shorthand::kSelf: {
-      const int32_t i = FindById(m.source.value());
-      if (i != kNone) visit(static_cast<uint32_t>(i));
+    case Shorthand::kSelf:
+      // The message names its sender by APIC ID only: if the guest gave two APICs that ID, both get it.
+      ForEachWithId(m.source.value(), visit);
       return;
-    }
     case Shorthand::kAllIncludingSelf:
       for (uint32_t i = 0; i < n; ++i) visit(i);
       return;
@@ -130,9 +170,9 @@ void Router::ForEachMatch(const InterruptMessage& m, F&& visit) const {
   }
   if (dest != kXapicBroadcast) {
     if (m.dest_mode == DestMode::kPhysical) {
-      // APIC IDs are unique: a physical destination names at most one APIC.
-      const int32_t i = FindById(dest);
-      if (i != kNone) visit(static_cast<uint32_t>(i));
+      // Every APIC whose ID equals the destination accepts (SDM 11.6.2.1): one, or several if the guest gave two
+      // APICs the same ID.
+      ForEachWithId(dest, visit);
       return;
     }
     if (all_x2apic_) {
@@ -140,8 +180,7 @@ void Router::ForEachMatch(const InterruptMessage& m, F&& visit) const {
       // with ID (dest[31:16] << 4) | b (SDM 11.12.10.2).
       const uint32_t cluster_base = (dest >> 16) << 4;
       for (uint32_t bits = dest & 0xFFFF; bits != 0; bits &= bits - 1) {
-        const int32_t i = FindById(cluster_base | static_cast<uint32_t>(std::countr_zero(bits)));
-        if (i != kNone) visit(static_cast<uint32_t>(i));
+        ForEachWithId(cluster_base | static_cast<uint32_t>(std::countr_zero(bits)), visit);
       }
       return;
     }
@@ -291,12 +330,17 @@ absl::Status BadVcpu(VcpuIndex vcpu, size_t n) {
 
 absl::Status Router::UpdateAddressing(VcpuIndex vcpu, const ApicAddressing& apic) {
   if (vcpu.value() >= vcpus_.size()) return BadVcpu(vcpu, vcpus_.size());
-  std::vector<VcpuInfo> next = vcpus_;
-  next[vcpu.value()].apic = apic;
-  if (auto s = ValidateTopology(next); !s.ok()) return s;
+  // Only the changed entry is checked, and nothing is allocated: the guest triggers this with every ID/LDR/DFR write.
+  if (absl::Status s = CheckEntry(apic); !s.ok()) {
+    ++counters_.addressing_refused;
+    return s;
+  }
+  const ApicId old_id = vcpus_[vcpu.value()].apic.id;
   vcpus_[vcpu.value()].apic = apic;
   RefreshArbitration(vcpu.value());
-  RebuildIndex();
+  RebuildIndex();  // O(n), no allocation (large_id_ keeps its capacity)
+  // Two APICs with one ID: the router follows the guest, as hardware does (see router.h), and counts it.
+  if (apic.id != old_id && IdShared(apic.id.value())) ++counters_.apic_id_conflicts;
   return absl::OkStatus();
 }
 

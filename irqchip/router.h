@@ -20,6 +20,14 @@
 // With focus_processor (off by default, as in KVM; the SDM makes it model specific), a candidate that already has the
 // vector pending or in service wins first, under every policy but static.
 //
+// Guest-changed addressing (UpdateAddressing) is followed as the guest wrote it, like hardware, which lets software
+// give two local APICs the same ID. The router then stays in step with the guest: a physical destination, a self
+// IPI (the message names its sender by APIC ID only) and an x2APIC logical bit naming that ID reach EVERY vCPU that
+// holds it — each APIC compares the destination with its own ID (SDM vol. 3, 11.6.2.1); an all-excluding-self IPI
+// skips all of them; a lowest-priority message arbitrates among all of them. Such an update is counted in
+// apic_id_conflicts and shared_apic_ids() says how many IDs are shared now. Only an ID that can never be one APIC's
+// (the broadcast IDs) is refused. Create, which takes the operator's topology, still requires unique IDs.
+//
 // Delivery to a software-disabled APIC: only NMI, SMI, INIT and SIPI are delivered (SDM 11.4.7.2); other modes skip
 // it (counted) and it never wins an arbitration. A message that reaches no vCPU is not an error: it is counted in
 // no_destination and yields zero deliveries (hardware drops it too).
@@ -95,6 +103,8 @@ struct RouterCounters {
   uint64_t node_local_fallbacks = 0;  // node-local-first found no candidate on the source node
   uint64_t static_pinned = 0;
   uint64_t static_fallbacks = 0;
+  uint64_t apic_id_conflicts = 0;   // guest updates that gave a vCPU an APIC ID another vCPU already has (followed)
+  uint64_t addressing_refused = 0;  // guest updates refused: a broadcast ID (the router keeps the previous state)
 };
 
 class Router {
@@ -111,7 +121,10 @@ class Router {
   /// Route() into an internal buffer, then sink.Deliver(vcpu, node, message) for each delivery.
   RouteResult Dispatch(const InterruptRequest& request, InterruptSink& sink);
 
-  /// The guest changed the vCPU's APIC ID, LDR, DFR, mode or enable state. Same validation as Create.
+  /// The guest changed the vCPU's APIC ID, LDR, DFR, mode or enable state. Checks only this entry and allocates
+  /// nothing. An ID another vCPU already has is accepted and counted (apic_id_conflicts; delivery as described at the
+  /// top); a broadcast ID (xAPIC >= 0xFF, x2APIC 0xFFFFFFFF) is refused with INVALID_ARGUMENT, counted in
+  /// addressing_refused, and the previous addressing kept. OUT_OF_RANGE for a vCPU that does not exist.
   absl::Status UpdateAddressing(VcpuIndex vcpu, const ApicAddressing& apic);
   /// The vCPU's node reported its current priority (PPR).
   absl::Status UpdatePriority(VcpuIndex vcpu, uint8_t priority);
@@ -128,9 +141,12 @@ class Router {
   [[nodiscard]] const VcpuInfo& vcpu(VcpuIndex i) const { return vcpus_[i.value()]; }
   [[nodiscard]] const RouterConfig& config() const { return config_; }
   [[nodiscard]] const RouterCounters& counters() const { return counters_; }
+  /// How many APIC ID values are held by more than one vCPU right now (0 unless the guest made it so).
+  [[nodiscard]] size_t shared_apic_ids() const { return shared_ids_; }
 
  private:
   static constexpr int32_t kNone = -1;
+  static constexpr int32_t kShared = -2;  // small_id_: several vCPUs hold this ID
   static constexpr uint64_t kDisabledBit = 1ull << 42;
   static constexpr uint64_t kNotLocalBit = 1ull << 41;
   static constexpr uint64_t kNotFocusBit = 1ull << 40;
@@ -138,9 +154,12 @@ class Router {
 
   Router(std::vector<VcpuInfo> vcpus, RouterConfig config);
   static absl::Status ValidateTopology(const std::vector<VcpuInfo>& vcpus);
+  [[nodiscard]] absl::Status CheckEntry(const ApicAddressing& apic) const;
   void RebuildIndex();
   void RefreshArbitration(uint32_t i);
-  [[nodiscard]] int32_t FindById(uint32_t id) const;
+  template <typename F>
+  void ForEachWithId(uint32_t id, F&& visit) const;  // every vCPU holding APIC ID `id` (usually one)
+  [[nodiscard]] bool IdShared(uint32_t id) const;
   [[nodiscard]] int32_t StaticPin(const InterruptRequest& request) const;
   template <typename F>
   void ForEachMatch(const InterruptMessage& m, F&& visit) const;
@@ -150,14 +169,17 @@ class Router {
   std::vector<uint64_t> arb_base_;                         // per vCPU: disabled bit 42 | priority << 32
   std::vector<uint16_t> node_;                             // per vCPU: owning node (hot copy of vcpus_[i].node)
   std::vector<VectorSet> active_;                          // per vCPU: vectors pending or in service (focus)
-  std::array<int32_t, 256> small_id_{};                    // APIC ID < 256 -> vCPU index
-  std::vector<std::pair<uint32_t, uint32_t>> large_id_;    // sorted (APIC ID >= 256, vCPU index)
+  std::array<int32_t, 256> small_id_{};                    // APIC ID < 256 -> vCPU index, kNone or kShared
+  std::vector<std::pair<uint32_t, uint32_t>> large_id_;    // sorted (APIC ID >= 256, vCPU index); may repeat an ID
+  size_t shared_ids_ = 0;                                  // ID values held by more than one vCPU
   bool all_x2apic_ = false;
   std::array<uint32_t, 256> last_winner_{};                // per vector: the previous arbitration winner
   std::array<int32_t, 256> vector_pin_{};
   std::vector<std::pair<uint32_t, uint32_t>> gsi_pin_;     // sorted (GSI, vCPU index)
   std::vector<Delivery> scratch_;                          // Dispatch's buffer, sized once
   RouterCounters counters_;
+  absl::Status bad_xapic_id_;                              // prebuilt refusals: returning a copy does not allocate
+  absl::Status bad_x2apic_id_;
 };
 
 }  // namespace aggvm::irqchip

@@ -263,13 +263,78 @@ TEST(Router, TopologyValidation) {
   EXPECT_FALSE(Router::Create({VcpuInfo{NodeId(0), X2apic(0xFFFFFFFF), 0}}).ok());
   EXPECT_TRUE(Router::Create({VcpuInfo{NodeId(0), X2apic(0x12345), 0}}).ok());
   auto r = MakeRouter(X2apicVm(2));
-  EXPECT_FALSE(r.UpdateAddressing(VcpuIndex(0), X2apic(1)).ok());  // would duplicate ID 1
+  // The guest gives vCPU 0 the ID of vCPU 1: followed (as hardware would), counted; see GuestDuplicateApicId*.
+  EXPECT_TRUE(r.UpdateAddressing(VcpuIndex(0), X2apic(1)).ok());
+  EXPECT_EQ(r.counters().apic_id_conflicts, 1u);
   EXPECT_FALSE(r.UpdatePriority(VcpuIndex(2), 0).ok());
+  EXPECT_EQ(r.UpdateAddressing(VcpuIndex(5), X2apic(9)).code(), absl::StatusCode::kOutOfRange);
+  // Broadcast IDs are refused, counted, and the previous addressing kept.
+  EXPECT_EQ(r.UpdateAddressing(VcpuIndex(1), Xapic(0xFF)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.UpdateAddressing(VcpuIndex(1), X2apic(0xFFFFFFFF)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.counters().addressing_refused, 2u);
+  EXPECT_EQ(r.vcpu(VcpuIndex(1)).apic.id, ApicId(1));
   ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(0), X2apic(0x500)).ok());
   EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 0x500)), (std::vector<uint32_t>{0}));
   EXPECT_TRUE(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 0)).empty());
   EXPECT_EQ(ParseRoutingPolicy("node-local-first").value(), RoutingPolicy::kNodeLocalFirst);
   EXPECT_FALSE(ParseRoutingPolicy("random").ok());
+}
+
+// A guest may give two APICs one ID (xAPIC IDs are writable, SDM vol. 3, 11.4.6). The router follows the guest
+// instead of refusing (which left it out of step with the guest) and delivers as hardware does: every APIC whose ID
+// equals a physical destination accepts (11.6.2.1).
+TEST(Router, GuestDuplicateApicIdIsFollowedCountedAndBothMatchInPhysicalMode) {
+  std::vector<VcpuInfo> v;
+  for (uint32_t i = 0; i < 4; ++i) {
+    v.push_back(VcpuInfo{NodeId(static_cast<uint16_t>(i)), Xapic(i, static_cast<uint8_t>(1u << i)), 0});
+  }
+  auto r = MakeRouter(v);
+  EXPECT_EQ(r.shared_apic_ids(), 0u);
+  ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(3), Xapic(1, 0x08)).ok());  // vCPU 3 takes vCPU 1's ID
+  EXPECT_EQ(r.vcpu(VcpuIndex(3)).apic.id, ApicId(1)) << "the router keeps the guest's state";
+  EXPECT_EQ(r.counters().apic_id_conflicts, 1u);
+  EXPECT_EQ(r.shared_apic_ids(), 1u);
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 1, 0x40, false)),
+            (std::vector<uint32_t>{1, 3}));
+  EXPECT_TRUE(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 3, 0x40, false)).empty());
+  // Logical addressing is by LDR, unaffected.
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kLogical, 0x08, 0x40, false)), (std::vector<uint32_t>{3}));
+  // Lowest priority among the two holders of the ID: the lower priority wins.
+  ASSERT_TRUE(r.UpdatePriority(VcpuIndex(1), 0x20).ok());
+  ASSERT_TRUE(r.UpdatePriority(VcpuIndex(3), 0x10).ok());
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kLowestPriority, DestMode::kPhysical, 1, 0x40, false)),
+            (std::vector<uint32_t>{3}));
+  // Self and all-excluding-self: the sender is known by its APIC ID only.
+  InterruptRequest self = Req(DeliveryMode::kFixed, DestMode::kPhysical, 0, 0x40, false);
+  self.message.shorthand = Shorthand::kSelf;
+  self.message.source = ApicId(1);
+  EXPECT_EQ(Targets(r, self), (std::vector<uint32_t>{1, 3}));
+  self.message.shorthand = Shorthand::kAllExcludingSelf;
+  EXPECT_EQ(Targets(r, self), (std::vector<uint32_t>{0, 2}));
+  // A third holder, then the guest moves them apart again.
+  ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(0), Xapic(1, 0x01)).ok());
+  EXPECT_EQ(r.counters().apic_id_conflicts, 2u);
+  EXPECT_EQ(r.shared_apic_ids(), 1u);
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 1, 0x40, false)),
+            (std::vector<uint32_t>{0, 1, 3}));
+  ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(0), Xapic(0, 0x01)).ok());
+  ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(3), Xapic(3, 0x08)).ok());
+  EXPECT_EQ(r.shared_apic_ids(), 0u);
+  EXPECT_EQ(r.counters().apic_id_conflicts, 2u) << "moving apart is not a conflict";
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 1, 0x40, false)), (std::vector<uint32_t>{1}));
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 3, 0x40, false)), (std::vector<uint32_t>{3}));
+}
+
+// Large (x2APIC) IDs shared: the sorted index holds both; physical and x2APIC logical destinations reach both.
+TEST(Router, GuestDuplicateLargeApicIdMatchesEveryHolder) {
+  auto r = MakeRouter(X2apicVm(300));
+  ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(10), X2apic(290)).ok());
+  EXPECT_EQ(r.shared_apic_ids(), 1u);
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 290)), (std::vector<uint32_t>{10, 290}));
+  // ID 290 = cluster 18, bit 2.
+  EXPECT_EQ(Targets(r, Req(DeliveryMode::kFixed, DestMode::kLogical, (18u << 16) | 0x4)),
+            (std::vector<uint32_t>{10, 290}));
+  EXPECT_TRUE(Targets(r, Req(DeliveryMode::kFixed, DestMode::kPhysical, 10)).empty());
 }
 
 class RecordingSink : public InterruptSink {
@@ -440,6 +505,41 @@ TEST(RouterProperty, DeliveriesMatchReferenceAndArbitrationPicksMinimum) {
             ASSERT_EQ(w, pin.value());
           }
         }
+      }
+    }
+  }
+}
+
+// Random guest re-addressing (with collisions on purpose) keeps every fast path equal to the reference scan.
+TEST(RouterProperty, SharedIdsAfterGuestUpdatesMatchReference) {
+  std::mt19937_64 rng(0x51D);
+  for (int topo = 0; topo < 40; ++topo) {
+    std::vector<VcpuInfo> v = RandomTopology(rng);
+    auto r = MakeRouter(v);
+    for (int step = 0; step < 30; ++step) {
+      const auto i = static_cast<uint32_t>(rng() % v.size());
+      ApicAddressing a = v[i].apic;
+      const auto& other = v[rng() % v.size()].apic;
+      a.id = other.id;  // often a collision
+      if (!a.x2apic && a.id.value() >= kXapicBroadcast) continue;
+      if (a.x2apic) a.ldr = X2apicLdrFromId(a.id);
+      ASSERT_TRUE(r.UpdateAddressing(VcpuIndex(i), a).ok());
+      v[i].apic = a;
+      std::vector<Delivery> out(v.size());
+      for (int k = 0; k < 20; ++k) {
+        InterruptRequest req = RandomRequest(rng, v);
+        if (IsArbitrated(req.message) || static_cast<uint8_t>(req.message.mode) == 3) continue;
+        const RouteResult res = r.Route(req, out);
+        std::vector<uint32_t> expected, got;
+        for (uint32_t c = 0; c < v.size(); ++c) {
+          if (MatchesDestination(req.message, v[c].apic) &&
+              (v[c].apic.enabled || AcceptedWhileDisabled(req.message.mode))) {
+            expected.push_back(c);
+          }
+        }
+        for (uint32_t d = 0; d < res.count; ++d) got.push_back(out[d].vcpu.value());
+        std::sort(got.begin(), got.end());
+        ASSERT_EQ(got, expected) << "topology " << topo << " step " << step;
       }
     }
   }

@@ -58,10 +58,22 @@ uint64_t Get64(const uint8_t* b, size_t off) {
   return v;
 }
 
-absl::Status Bad(std::string_view type, std::string_view field, uint64_t value, std::string_view rule) {
-  return absl::InvalidArgumentError(
-      fmt::format("invalid {} frame: field '{}' = {:#x} ({}); frame dropped", type, field, value, rule));
+constexpr char kRuleDataFits[] = "does not fit in the access size";
+constexpr char kRuleTraceWindow[] = "must be within (raised, raised + 2^32 ns]";
+
+FrameError Bad(uint8_t type, FrameField field, uint64_t value, const char* rule) {
+  FrameError e;
+  e.code = FrameErrorCode::kInvalidField;
+  e.type = type;
+  e.field = field;
+  e.value = value;
+  e.rule = rule;
+  return e;
 }
+FrameError Bad(FrameType type, FrameField field, uint64_t value, const char* rule) {
+  return Bad(static_cast<uint8_t>(type), field, value, rule);
+}
+constexpr FrameError kOk{};
 
 bool ValidDeliveryMode(uint8_t m) { return m <= 7 && m != 3; }
 // Fixed and lowest-priority interrupts with vectors 0..15 are illegal (SDM vol. 3, 11.5.3 "illegal vector").
@@ -82,119 +94,165 @@ constexpr size_t PayloadIndexFor(FrameType t) {
 }
 bool KnownType(uint8_t t) { return t >= 1 && t <= 7; }
 
-absl::Status ValidateInterrupt(const InterruptPayload& p) {
-  constexpr std::string_view kT = "interrupt";
+FrameError ValidateInterrupt(const InterruptPayload& p) {
+  constexpr FrameType kT = FrameType::kInterrupt;
   switch (p.kind) {
     case InterruptPayload::Kind::kGsiLevel:
-      if (p.level > 1) return Bad(kT, "level", p.level, "must be 0 or 1");
-      if (p.gsi.value() >= kMaxGsi) return Bad(kT, "gsi", p.gsi.value(), "must be below kMaxGsi 4096");
-      if (p.msi_address != 0) return Bad(kT, "msi_address", p.msi_address, "must be 0 for a GSI level change");
-      if (p.msi_data != 0) return Bad(kT, "msi_data", p.msi_data, "must be 0 for a GSI level change");
-      return absl::OkStatus();
+      if (p.level > 1) return Bad(kT, FrameField::kLevel, p.level, "must be 0 or 1");
+      if (p.gsi.value() >= kMaxGsi) return Bad(kT, FrameField::kGsi, p.gsi.value(), "must be below kMaxGsi 4096");
+      if (p.msi_address != 0) {
+        return Bad(kT, FrameField::kMsiAddress, p.msi_address, "must be 0 for a GSI level change");
+      }
+      if (p.msi_data != 0) return Bad(kT, FrameField::kMsiData, p.msi_data, "must be 0 for a GSI level change");
+      return kOk;
     case InterruptPayload::Kind::kMsi:
       // MSI address bits 31:20 are 0xFEE; data bits 31:16 are reserved (SDM vol. 3, 11.11.1 and 11.11.2).
       if (((p.msi_address >> 20) & 0xfff) != 0xfee) {
-        return Bad(kT, "msi_address", p.msi_address, "bits 31:20 must be 0xfee");
+        return Bad(kT, FrameField::kMsiAddress, p.msi_address, "bits 31:20 must be 0xfee");
       }
-      if ((p.msi_data >> 16) != 0) return Bad(kT, "msi_data", p.msi_data, "bits 31:16 are reserved, must be 0");
-      if (p.level != 0) return Bad(kT, "level", p.level, "must be 0 for an MSI");
-      if (p.gsi.value() != 0) return Bad(kT, "gsi", p.gsi.value(), "must be 0 for an MSI");
-      return absl::OkStatus();
+      if ((p.msi_data >> 16) != 0) {
+        return Bad(kT, FrameField::kMsiData, p.msi_data, "bits 31:16 are reserved, must be 0");
+      }
+      if (p.level != 0) return Bad(kT, FrameField::kLevel, p.level, "must be 0 for an MSI");
+      if (p.gsi.value() != 0) return Bad(kT, FrameField::kGsi, p.gsi.value(), "must be 0 for an MSI");
+      return kOk;
   }
-  return Bad(kT, "kind", static_cast<uint8_t>(p.kind), "must be 0 (gsi level) or 1 (msi)");
+  return Bad(kT, FrameField::kKind, static_cast<uint8_t>(p.kind), "must be 0 (gsi level) or 1 (msi)");
 }
 
-absl::Status ValidateDeliver(const DeliverPayload& p) {
-  constexpr std::string_view kT = "deliver";
+FrameError ValidateDeliver(const DeliverPayload& p) {
+  constexpr FrameType kT = FrameType::kDeliver;
   const auto mode = static_cast<uint8_t>(p.mode);
-  if (!ValidDeliveryMode(mode)) return Bad(kT, "mode", mode, "reserved delivery mode");
+  if (!ValidDeliveryMode(mode)) return Bad(kT, FrameField::kMode, mode, "reserved delivery mode");
   if (NeedsLegalVector(p.mode) && p.vector.value() < 16) {
-    return Bad(kT, "vector", p.vector.value(), "vectors 0..15 are illegal for fixed/lowest-priority delivery");
+    return Bad(kT, FrameField::kVector, p.vector.value(),
+               "vectors 0..15 are illegal for fixed/lowest-priority delivery");
   }
-  if (p.level_triggered > 1) return Bad(kT, "level_triggered", p.level_triggered, "must be 0 or 1");
-  if (p.gsi.value() >= kMaxGsi) return Bad(kT, "gsi", p.gsi.value(), "must be below kMaxGsi 4096");
+  if (p.level_triggered > 1) return Bad(kT, FrameField::kLevelTriggered, p.level_triggered, "must be 0 or 1");
+  if (p.gsi.value() >= kMaxGsi) return Bad(kT, FrameField::kGsi, p.gsi.value(), "must be below kMaxGsi 4096");
   if (p.level_triggered == 0 && p.gsi.value() != 0) {
-    return Bad(kT, "gsi", p.gsi.value(), "must be 0 for an edge-triggered delivery");
+    return Bad(kT, FrameField::kGsi, p.gsi.value(), "must be 0 for an edge-triggered delivery");
   }
-  return absl::OkStatus();
+  return kOk;
 }
 
-absl::Status ValidateIpi(const IpiPayload& p) {
-  constexpr std::string_view kT = "ipi";
+FrameError ValidateIpi(const IpiPayload& p) {
+  constexpr FrameType kT = FrameType::kIpi;
   const auto mode = static_cast<uint8_t>(p.mode);
-  if (!ValidDeliveryMode(mode)) return Bad(kT, "mode", mode, "reserved delivery mode");
+  if (!ValidDeliveryMode(mode)) return Bad(kT, FrameField::kMode, mode, "reserved delivery mode");
   if (NeedsLegalVector(p.mode) && p.vector.value() < 16) {
-    return Bad(kT, "vector", p.vector.value(), "vectors 0..15 are illegal for fixed/lowest-priority delivery");
+    return Bad(kT, FrameField::kVector, p.vector.value(),
+               "vectors 0..15 are illegal for fixed/lowest-priority delivery");
   }
-  if (p.dest_logical > 1) return Bad(kT, "dest_logical", p.dest_logical, "must be 0 or 1");
-  if (p.shorthand > 3) return Bad(kT, "shorthand", p.shorthand, "must be 0..3 (ICR bits 19:18)");
-  if (p.level > 1) return Bad(kT, "level", p.level, "must be 0 or 1");
-  if (p.trigger_level > 1) return Bad(kT, "trigger_level", p.trigger_level, "must be 0 or 1");
-  return absl::OkStatus();
+  if (p.dest_logical > 1) return Bad(kT, FrameField::kDestLogical, p.dest_logical, "must be 0 or 1");
+  if (p.shorthand > 3) return Bad(kT, FrameField::kShorthand, p.shorthand, "must be 0..3 (ICR bits 19:18)");
+  if (p.level > 1) return Bad(kT, FrameField::kLevel, p.level, "must be 0 or 1");
+  if (p.trigger_level > 1) return Bad(kT, FrameField::kTriggerLevel, p.trigger_level, "must be 0 or 1");
+  return kOk;
 }
 
-absl::Status ValidateEoi(const EoiPayload& p) {
-  constexpr std::string_view kT = "eoi";
-  if (p.vector.value() < 16) return Bad(kT, "vector", p.vector.value(), "vectors 0..15 cannot be level-triggered");
-  if (p.gsi.value() >= kMaxGsi) return Bad(kT, "gsi", p.gsi.value(), "must be below kMaxGsi 4096");
-  return absl::OkStatus();
+FrameError ValidateEoi(const EoiPayload& p) {
+  constexpr FrameType kT = FrameType::kEoi;
+  if (p.vector.value() < 16) {
+    return Bad(kT, FrameField::kVector, p.vector.value(), "vectors 0..15 cannot be level-triggered");
+  }
+  if (p.gsi.value() >= kMaxGsi) return Bad(kT, FrameField::kGsi, p.gsi.value(), "must be below kMaxGsi 4096");
+  return kOk;
 }
 
-absl::Status ValidateIo(FrameType type, const IoRequestPayload& p) {
-  const std::string_view kT = type == FrameType::kIoRequest ? "io_request" : "io_response";
+FrameError ValidateIo(FrameType kT, const IoRequestPayload& p) {
   const auto space = static_cast<uint8_t>(p.space);
-  if (space > 1) return Bad(kT, "space", space, "must be 0 (pio) or 1 (mmio)");
-  if (p.is_write > 1) return Bad(kT, "is_write", p.is_write, "must be 0 or 1");
-  if (p.size != 1 && p.size != 2 && p.size != 4 && p.size != 8) return Bad(kT, "size", p.size, "must be 1, 2, 4 or 8");
-  if (p.space == IoRequestPayload::Space::kPio && p.size == 8) return Bad(kT, "size", p.size, "pio is at most 4 bytes");
+  if (space > 1) return Bad(kT, FrameField::kSpace, space, "must be 0 (pio) or 1 (mmio)");
+  if (p.is_write > 1) return Bad(kT, FrameField::kIsWrite, p.is_write, "must be 0 or 1");
+  if (p.size != 1 && p.size != 2 && p.size != 4 && p.size != 8) {
+    return Bad(kT, FrameField::kIoSize, p.size, "must be 1, 2, 4 or 8");
+  }
+  if (p.space == IoRequestPayload::Space::kPio && p.size == 8) {
+    return Bad(kT, FrameField::kIoSize, p.size, "pio is at most 4 bytes");
+  }
   if (p.space == IoRequestPayload::Space::kPio && p.address >= 0x10000) {
-    return Bad(kT, "address", p.address, "pio port must be below 0x10000");
+    return Bad(kT, FrameField::kAddress, p.address, "pio port must be below 0x10000");
   }
   if (p.space == IoRequestPayload::Space::kMmio && p.address > std::numeric_limits<uint64_t>::max() - (p.size - 1)) {
-    return Bad(kT, "address", p.address, "mmio access wraps around the address space");
+    return Bad(kT, FrameField::kAddress, p.address, "mmio access wraps around the address space");
   }
-  if (type == FrameType::kIoRequest) {
-    if (p.status != 0) return Bad(kT, "status", p.status, "must be 0 in a request");
-    if (p.is_write == 0 && p.data != 0) return Bad(kT, "data", p.data, "must be 0 in a read request");
+  if (kT == FrameType::kIoRequest) {
+    if (p.status != 0) return Bad(kT, FrameField::kStatus, p.status, "must be 0 in a request");
+    if (p.is_write == 0 && p.data != 0) return Bad(kT, FrameField::kData, p.data, "must be 0 in a read request");
   } else if (p.status > 1) {
-    return Bad(kT, "status", p.status, "must be 0 (ok) or 1 (no device)");
+    return Bad(kT, FrameField::kStatus, p.status, "must be 0 (ok) or 1 (no device)");
   }
   if (p.size < 8 && (p.data >> (8 * p.size)) != 0) {
-    return Bad(kT, "data", p.data, fmt::format("does not fit in size {} bytes", p.size));
+    FrameError e = Bad(kT, FrameField::kData, p.data, kRuleDataFits);
+    e.context = p.size;
+    return e;
   }
-  return absl::OkStatus();
+  return kOk;
 }
 
-absl::Status ValidateControl(const ControlPayload& p) {
+FrameError ValidateControl(const ControlPayload& p) {
+  constexpr FrameType kT = FrameType::kControl;
   const auto op = static_cast<uint8_t>(p.op);
-  if (op > 4) return Bad("control", "op", op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
+  if (op > 4) return Bad(kT, FrameField::kOp, op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
   if (p.op == ControlPayload::Op::kRaiseGsi) {
-    if (p.arg0 >= kMaxGsi) return Bad("control", "arg0", p.arg0, "raise-gsi: the GSI must be below kMaxGsi 4096");
+    if (p.arg0 >= kMaxGsi) {
+      return Bad(kT, FrameField::kArg0, p.arg0, "raise-gsi: the GSI must be below kMaxGsi 4096");
+    }
     if ((p.arg1 & ~ControlPayload::kRaiseKnown) != 0) {
-      return Bad("control", "arg1", p.arg1, "raise-gsi: only bits 0 level, 1 assert, 2 traced may be set");
+      return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi: only bits 0 level, 1 assert, 2 traced may be set");
     }
     if ((p.arg1 & ControlPayload::kRaiseLevel) == 0 && (p.arg1 & ControlPayload::kRaiseAssert) == 0) {
-      return Bad("control", "arg1", p.arg1, "raise-gsi: an edge is always an assertion (bit 1 must be set)");
+      return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi: an edge is always an assertion (bit 1 must be set)");
     }
   }
-  return absl::OkStatus();
+  return kOk;
 }
 
-absl::Status ValidateTrace(const TraceBlock& t) {
-  constexpr std::string_view kT = "traced";
-  if (t.raised == 0) return Bad(kT, "trace.raised", 0, "must be non-zero when the traced flag is set");
-  const std::pair<std::string_view, uint64_t> hops[] = {
-      {"trace.local_controller", t.local_controller}, {"trace.master_received", t.master_received},
-      {"trace.master_decided", t.master_decided},     {"trace.target_received", t.target_received},
-      {"trace.injected", t.injected}};
-  for (const auto& [name, ts] : hops) {
+FrameError ValidateTrace(uint8_t type, const TraceBlock& t) {
+  auto bad = [type](FrameField field, uint64_t value, const char* rule) {
+    FrameError e = Bad(type, field, value, rule);
+    e.trace_rule = true;
+    return e;
+  };
+  if (t.raised == 0) return bad(FrameField::kTraceRaised, 0, "must be non-zero when the traced flag is set");
+  const std::pair<FrameField, uint64_t> hops[] = {
+      {FrameField::kTraceLocalController, t.local_controller},
+      {FrameField::kTraceMasterReceived, t.master_received},
+      {FrameField::kTraceMasterDecided, t.master_decided},
+      {FrameField::kTraceTargetReceived, t.target_received},
+      {FrameField::kTraceInjected, t.injected}};
+  for (const auto& [field, ts] : hops) {
     if (ts == 0) continue;  // hop not reached
     if (ts <= t.raised || ts - t.raised > std::numeric_limits<uint32_t>::max()) {
-      return Bad(kT, name, ts,
-                 fmt::format("must be within (raised, raised + 2^32 ns], raised = {:#x}", t.raised));
+      FrameError e = bad(field, ts, kRuleTraceWindow);
+      e.context = t.raised;
+      return e;
     }
   }
-  return absl::OkStatus();
+  return kOk;
+}
+
+FrameError ValidateFrameRaw(const Frame& f) {
+  const auto type = static_cast<uint8_t>(f.type);
+  if (!KnownType(type)) return Bad(type, FrameField::kType, type, "must be 1..7");
+  if (f.payload.index() != PayloadIndexFor(f.type)) {
+    return Bad(type, FrameField::kPayload, f.payload.index(), "payload alternative does not match the type");
+  }
+  if (f.sequence == 0) return Bad(type, FrameField::kSequence, 0, "sequence numbers start at 1");
+  if ((f.flags & ~kFlagsKnown) != 0) return Bad(type, FrameField::kFlags, f.flags, "unknown flag bits set");
+  if (f.traced()) {
+    if (FrameError e = ValidateTrace(type, f.trace); !e.ok()) return e;
+  }
+  switch (f.type) {
+    case FrameType::kInterrupt: return ValidateInterrupt(std::get<InterruptPayload>(f.payload));
+    case FrameType::kDeliver: return ValidateDeliver(std::get<DeliverPayload>(f.payload));
+    case FrameType::kIpi: return ValidateIpi(std::get<IpiPayload>(f.payload));
+    case FrameType::kEoi: return ValidateEoi(std::get<EoiPayload>(f.payload));
+    case FrameType::kIoRequest:
+    case FrameType::kIoResponse: return ValidateIo(f.type, std::get<IoRequestPayload>(f.payload));
+    case FrameType::kControl: return ValidateControl(std::get<ControlPayload>(f.payload));
+  }
+  return kOk;
 }
 
 uint32_t Delta(uint64_t ts, uint64_t raised) { return ts == 0 ? 0 : static_cast<uint32_t>(ts - raised); }
@@ -214,27 +272,86 @@ std::string_view FrameTypeName(FrameType t) {
   return "unknown";
 }
 
+std::string_view FrameFieldName(FrameField f) {
+  switch (f) {
+    case FrameField::kNone: return "none";
+    case FrameField::kSize: return "size";
+    case FrameField::kVersion: return "version";
+    case FrameField::kType: return "type";
+    case FrameField::kSource: return "source";
+    case FrameField::kSequence: return "sequence";
+    case FrameField::kFlags: return "flags";
+    case FrameField::kPayload: return "payload";
+    case FrameField::kKind: return "kind";
+    case FrameField::kLevel: return "level";
+    case FrameField::kGsi: return "gsi";
+    case FrameField::kMsiAddress: return "msi_address";
+    case FrameField::kMsiData: return "msi_data";
+    case FrameField::kMode: return "mode";
+    case FrameField::kVector: return "vector";
+    case FrameField::kLevelTriggered: return "level_triggered";
+    case FrameField::kDestLogical: return "dest_logical";
+    case FrameField::kShorthand: return "shorthand";
+    case FrameField::kTriggerLevel: return "trigger_level";
+    case FrameField::kAccess: return "access";
+    case FrameField::kSpace: return "space";
+    case FrameField::kIsWrite: return "is_write";
+    case FrameField::kIoSize: return "size";
+    case FrameField::kStatus: return "status";
+    case FrameField::kAddress: return "address";
+    case FrameField::kData: return "data";
+    case FrameField::kOp: return "op";
+    case FrameField::kArg0: return "arg0";
+    case FrameField::kArg1: return "arg1";
+    case FrameField::kTraceRaised: return "trace.raised";
+    case FrameField::kTraceLocalController: return "trace.local_controller";
+    case FrameField::kTraceMasterReceived: return "trace.master_received";
+    case FrameField::kTraceMasterDecided: return "trace.master_decided";
+    case FrameField::kTraceTargetReceived: return "trace.target_received";
+    case FrameField::kTraceInjected: return "trace.injected";
+    case FrameField::kPaddingByte: return "padding byte";
+    case FrameField::kTraceByte: return "trace byte";
+  }
+  return "unknown";
+}
+
+std::string DescribeFrameError(const FrameError& e) {
+  switch (e.code) {
+    case FrameErrorCode::kOk: return "valid frame";
+    case FrameErrorCode::kSize:
+      return fmt::format("invalid frame: size {} bytes, expected exactly {}; frame dropped", e.value, kFrameSize);
+    case FrameErrorCode::kVersion:
+      return fmt::format("invalid frame: field 'version' = {} but this build speaks version {}; peers must run the "
+                         "same aggvm release", e.value, kFrameVersion);
+    case FrameErrorCode::kWrongSource:
+      return fmt::format("invalid {} frame: it claims to come from node {}, not from the node at the other end of the "
+                         "connection; frame dropped",
+                         KnownType(e.type) ? FrameTypeName(static_cast<FrameType>(e.type)) : "unknown", e.value);
+    case FrameErrorCode::kNotASend:
+      return fmt::format("invalid frame: the receive completed with opcode {} instead of a SEND (the peer is not an "
+                         "aggvm transport); frame dropped", e.value);
+    case FrameErrorCode::kInvalidField: break;
+  }
+  const std::string_view type =
+      e.trace_rule ? "traced" : KnownType(e.type) ? FrameTypeName(static_cast<FrameType>(e.type)) : "unknown";
+  std::string field(FrameFieldName(e.field));
+  if (e.field == FrameField::kPaddingByte || e.field == FrameField::kTraceByte) field += fmt::format(" {}", e.offset);
+  std::string rule = e.rule;
+  if (e.rule == kRuleDataFits) rule = fmt::format("does not fit in size {} bytes", e.context);
+  if (e.rule == kRuleTraceWindow) rule = fmt::format("{}, raised = {:#x}", e.rule, e.context);
+  return fmt::format("invalid {} frame: field '{}' = {:#x} ({}); frame dropped", type, field, e.value, rule);
+}
+
+absl::Status FrameErrorStatus(const FrameError& e) {
+  if (e.ok()) return absl::OkStatus();
+  if (e.code == FrameErrorCode::kVersion) return absl::FailedPreconditionError(DescribeFrameError(e));
+  return absl::InvalidArgumentError(DescribeFrameError(e));
+}
+
 absl::Status ValidateFrame(const Frame& f) {
-  const auto type = static_cast<uint8_t>(f.type);
-  if (!KnownType(type)) return Bad("unknown", "type", type, "must be 1..7");
-  if (f.payload.index() != PayloadIndexFor(f.type)) {
-    return Bad(FrameTypeName(f.type), "payload", f.payload.index(), "payload alternative does not match the type");
-  }
-  if (f.sequence == 0) return Bad(FrameTypeName(f.type), "sequence", 0, "sequence numbers start at 1");
-  if ((f.flags & ~kFlagsKnown) != 0) return Bad(FrameTypeName(f.type), "flags", f.flags, "unknown flag bits set");
-  if (f.traced()) {
-    if (auto s = ValidateTrace(f.trace); !s.ok()) return s;
-  }
-  switch (f.type) {
-    case FrameType::kInterrupt: return ValidateInterrupt(std::get<InterruptPayload>(f.payload));
-    case FrameType::kDeliver: return ValidateDeliver(std::get<DeliverPayload>(f.payload));
-    case FrameType::kIpi: return ValidateIpi(std::get<IpiPayload>(f.payload));
-    case FrameType::kEoi: return ValidateEoi(std::get<EoiPayload>(f.payload));
-    case FrameType::kIoRequest:
-    case FrameType::kIoResponse: return ValidateIo(f.type, std::get<IoRequestPayload>(f.payload));
-    case FrameType::kControl: return ValidateControl(std::get<ControlPayload>(f.payload));
-  }
-  return absl::OkStatus();
+  const FrameError e = ValidateFrameRaw(f);
+  if (e.ok()) return absl::OkStatus();
+  return FrameErrorStatus(e);
 }
 
 void EncodeFrame(const Frame& f, WireFrame& b) {
@@ -315,21 +432,25 @@ void EncodeFrame(const Frame& f, WireFrame& b) {
   }
 }
 
-absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
+FrameError DecodeFrameRaw(const uint8_t* d, size_t size, Frame& f) {
   if (d == nullptr || size != kFrameSize) {
-    return absl::InvalidArgumentError(
-        fmt::format("invalid frame: size {} bytes, expected exactly {}; frame dropped", size, kFrameSize));
+    FrameError e;
+    e.code = FrameErrorCode::kSize;
+    e.field = FrameField::kSize;
+    e.value = size;
+    return e;
   }
   if (d[kOffVersion] != kFrameVersion) {
-    return absl::FailedPreconditionError(
-        fmt::format("invalid frame: field 'version' = {} but this build speaks version {}; peers must run the same "
-                    "aggvm release", d[kOffVersion], kFrameVersion));
+    FrameError e;
+    e.code = FrameErrorCode::kVersion;
+    e.field = FrameField::kVersion;
+    e.value = d[kOffVersion];
+    return e;
   }
   const uint8_t type = d[kOffType];
-  if (!KnownType(type)) return Bad("unknown", "type", type, "must be 1..7");
-  Frame f;
+  if (!KnownType(type)) return Bad(type, FrameField::kType, type, "must be 1..7");
   f.type = static_cast<FrameType>(type);
-  const std::string_view tname = FrameTypeName(f.type);
+  f.trace = TraceBlock{};
   f.source = NodeId(Get16(d, kOffSource));
   f.sequence = Get32(d, kOffSequence);
   f.flags = Get16(d, kOffFlags);
@@ -344,7 +465,7 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
     case FrameType::kInterrupt: {
       InterruptPayload p;
       const uint8_t kind = Get8(d, P + 0);
-      if (kind > 1) return Bad(tname, "kind", kind, "must be 0 (gsi level) or 1 (msi)");
+      if (kind > 1) return Bad(type, FrameField::kKind, kind, "must be 0 (gsi level) or 1 (msi)");
       p.kind = static_cast<InterruptPayload::Kind>(kind);
       p.level = Get8(d, P + 1);
       p.gsi = Gsi(Get32(d, P + 2));
@@ -395,7 +516,7 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
     case FrameType::kIoResponse: {
       IoRequestPayload p;
       const uint8_t access = Get8(d, P + 0);
-      if ((access & 0xf0) != 0) return Bad(tname, "access", access, "bits 7:4 are reserved, must be 0");
+      if ((access & 0xf0) != 0) return Bad(type, FrameField::kAccess, access, "bits 7:4 are reserved, must be 0");
       p.space = static_cast<IoRequestPayload::Space>(access & 1);
       p.is_write = (access >> 1) & 1;
       p.size = static_cast<uint8_t>(1u << ((access >> 2) & 3));
@@ -410,7 +531,7 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
     case FrameType::kControl: {
       ControlPayload p;
       const uint8_t op = Get8(d, P + 0);
-      if (op > 4) return Bad(tname, "op", op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
+      if (op > 4) return Bad(type, FrameField::kOp, op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
       p.op = static_cast<ControlPayload::Op>(op);
       p.arg0 = Get64(d, P + 2);
       p.arg1 = Get64(d, P + 10);
@@ -422,7 +543,9 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
   }
   for (size_t i = 0; i < kPayloadSize; ++i) {
     if ((used & (1u << i)) == 0 && d[P + i] != 0) {
-      return Bad(tname, fmt::format("padding byte {}", P + i), d[P + i], "unused payload bytes must be zero");
+      FrameError e = Bad(type, FrameField::kPaddingByte, d[P + i], "unused payload bytes must be zero");
+      e.offset = static_cast<uint8_t>(P + i);
+      return e;
     }
   }
 
@@ -431,7 +554,7 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
     t.trace_id = Get32(d, kOffTrace);
     t.raised = Get64(d, kOffTrace + 4);
     if (t.raised > std::numeric_limits<uint64_t>::max() - std::numeric_limits<uint32_t>::max()) {
-      return Bad(tname, "trace.raised", t.raised, "too large: raised + delta would overflow");
+      return Bad(type, FrameField::kTraceRaised, t.raised, "too large: raised + delta would overflow");
     }
     uint64_t* hops[] = {&t.local_controller, &t.master_received, &t.master_decided, &t.target_received, &t.injected};
     for (size_t i = 0; i < 5; ++i) {
@@ -441,11 +564,18 @@ absl::StatusOr<Frame> DecodeFrame(const uint8_t* d, size_t size) {
   } else {
     for (size_t i = kOffTrace; i < kFrameSize; ++i) {
       if (d[i] != 0) {
-        return Bad(tname, fmt::format("trace byte {}", i), d[i], "the trace block must be zero when not traced");
+        FrameError e = Bad(type, FrameField::kTraceByte, d[i], "the trace block must be zero when not traced");
+        e.offset = static_cast<uint8_t>(i);
+        return e;
       }
     }
   }
-  if (auto s = ValidateFrame(f); !s.ok()) return s;
+  return ValidateFrameRaw(f);
+}
+
+absl::StatusOr<Frame> DecodeFrame(const uint8_t* data, size_t size) {
+  Frame f;
+  if (const FrameError e = DecodeFrameRaw(data, size, f); !e.ok()) return FrameErrorStatus(e);
   return f;
 }
 

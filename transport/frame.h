@@ -12,15 +12,16 @@
 //    32   32  trace block        trace id u32, raised ns u64, then five u32 deltas in ns from raised:
 //                                local controller, master received, master decided, target received, injected
 //
-// One decoder (DecodeFrame) validates everything — version, type, flags, field ranges, zero padding — and returns a
-// checked `Frame`; the rest of the code never reads wire bytes. Encoding cannot fail for a Frame that passed
-// ValidateFrame. The per-type payload byte layouts are listed at the top of frame.cc and in docs/transport.md;
-// golden-byte tests (transport/frame_test.cc) pin them.
+// One decoder (DecodeFrameRaw; DecodeFrame wraps it) validates everything — version, type, flags, field ranges,
+// zero padding — and returns a checked `Frame`; the rest of the code never reads wire bytes. Encoding cannot fail
+// for a Frame that passed ValidateFrame. The per-type payload byte layouts are listed at the top of frame.cc and in
+// docs/transport.md; golden-byte tests (transport/frame_test.cc) pin them.
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <variant>
 
@@ -133,11 +134,81 @@ struct Frame {
   [[nodiscard]] bool traced() const { return (flags & kFlagTraced) != 0; }
 };
 
+/// Why a frame was refused, as plain values: building one never allocates, so a receive path can keep it for every
+/// bad frame a peer sends and render a message (DescribeFrameError) only when someone asks.
+enum class FrameErrorCode : uint8_t {
+  kOk = 0,
+  kSize,           // not exactly kFrameSize bytes; value = the size
+  kVersion,        // version byte is not kFrameVersion; value = the version seen
+  kInvalidField,   // a field breaks its rule (field, value, rule); includes unknown type and non-zero padding
+  kWrongSource,    // (transports) a valid frame that claims another source node than the connection's; value = it
+  kNotASend,       // (rdma) a receive completion that is not a SEND (e.g. RDMA write with immediate); value = opcode
+};
+
+/// The field an error names. kPaddingByte / kTraceByte carry the byte offset in FrameError::offset.
+enum class FrameField : uint8_t {
+  kNone = 0, kSize, kVersion, kType, kSource, kSequence, kFlags, kPayload,
+  kKind, kLevel, kGsi, kMsiAddress, kMsiData,
+  kMode, kVector, kLevelTriggered,
+  kDestLogical, kShorthand, kTriggerLevel,
+  kAccess, kSpace, kIsWrite, kIoSize, kStatus, kAddress, kData,
+  kOp, kArg0, kArg1,
+  kTraceRaised, kTraceLocalController, kTraceMasterReceived, kTraceMasterDecided, kTraceTargetReceived,
+  kTraceInjected,
+  kPaddingByte, kTraceByte,
+};
+/// The field's name as messages spell it ("msi_address", "trace.raised", "padding byte" without the offset, ...).
+std::string_view FrameFieldName(FrameField f);
+
+struct FrameError {
+  FrameErrorCode code = FrameErrorCode::kOk;
+  FrameField field = FrameField::kNone;
+  uint8_t type = 0;          // the raw type byte of the frame (0 when refused before the type was read)
+  uint8_t offset = 0;        // byte offset in the frame, for kPaddingByte / kTraceByte
+  bool trace_rule = false;   // a trace-block rule of ValidateFrame (messages say "traced frame")
+  uint64_t value = 0;        // the offending value
+  uint64_t context = 0;      // the other value a rule refers to: access size for kData, `raised` for trace hops
+  const char* rule = "";     // static text of the broken rule
+
+  [[nodiscard]] bool ok() const { return code == FrameErrorCode::kOk; }
+};
+
+/// Renders the message of an error (allocates; call it off the per-frame path), e.g.
+/// "invalid eoi frame: field 'vector' = 0x8 (vectors 0..15 cannot be level-triggered); frame dropped".
+std::string DescribeFrameError(const FrameError& e);
+/// The error as a status: FailedPrecondition for kVersion, InvalidArgument otherwise, with DescribeFrameError's text.
+/// OK for an ok() error.
+absl::Status FrameErrorStatus(const FrameError& e);
+
 /// Checks a Frame built in memory (payload alternative matches type, field ranges). Same rules as DecodeFrame.
 absl::Status ValidateFrame(const Frame& f);
 /// Encodes a valid frame. Precondition: ValidateFrame(f).ok().
 void EncodeFrame(const Frame& f, WireFrame& out);
+/// Decodes and validates wire bytes into `out` without allocating: the receive paths use this. On error `out` holds
+/// whatever was decoded so far and must not be used.
+FrameError DecodeFrameRaw(const uint8_t* data, size_t size, Frame& out);
 /// Decodes and validates wire bytes; InvalidArgument / FailedPrecondition with a message naming the bad field.
+/// (DecodeFrameRaw + FrameErrorStatus: allocates a message for a bad frame.)
 absl::StatusOr<Frame> DecodeFrame(const uint8_t* data, size_t size);
+
+/// Sequence numbers: per (sender, receiver) pair, 1, 2, ..., 0xffffffff, then 1 again (0 is never valid).
+constexpr uint32_t NextSequence(uint32_t s) { return s == 0xffffffffu ? 1 : s + 1; }
+
+/// The receiver's side of sequence checking, one per peer. A frame out of order (gap, reorder or duplicate) is
+/// reported so the transport can count it; the frame is still delivered and the expectation resynchronises on it.
+class SequenceChecker {
+ public:
+  explicit SequenceChecker(uint32_t first_expected = 1) : expected_(first_expected) {}
+  /// True if `sequence` is the expected next one. Either way the next expected is NextSequence(sequence).
+  bool Accept(uint32_t sequence) {
+    const bool in_order = sequence == expected_;
+    expected_ = NextSequence(sequence);
+    return in_order;
+  }
+  [[nodiscard]] uint32_t expected() const { return expected_; }
+
+ private:
+  uint32_t expected_;
+};
 
 }  // namespace aggvm::transport

@@ -6,7 +6,27 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <new>
 #include <string>
+
+// Counts this thread's heap allocations, to show that DecodeFrameRaw allocates nothing, also for a bad frame.
+namespace {
+thread_local uint64_t g_allocations = 0;
+}  // namespace
+void* operator new(std::size_t n) {
+  ++g_allocations;
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // the operator new above is malloc: free is its match
+#endif
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 namespace aggvm::transport {
 namespace {
@@ -463,6 +483,108 @@ TEST(Frame, WireOnlyRules) {
     EXPECT_THAT(std::string(d.status().message()), HasSubstr(fmt::format("size {} bytes", size)));
   }
   EXPECT_FALSE(DecodeFrame(nullptr, kFrameSize).ok());
+}
+
+// The receive paths' decoder: same verdict and the same words as DecodeFrame, as plain values, with no allocation for
+// a good frame or a bad one (a peer must not be able to force an allocation per frame).
+TEST(Frame, DecodeFrameRawGivesTheSameReasonWithoutAllocating) {
+  for (const auto& r : Rules()) {
+    SCOPED_TRACE(r.name);
+    const std::string_view name = r.name;
+    if (name == "payload mismatch" || name == "io space" || name == "io is_write" ||
+        name == "traced hop before raised" || name == "traced hop equal raised" || name == "traced hop too late") {
+      continue;  // not representable on the wire (see above)
+    }
+    WireFrame w;
+    EncodeFrame(r.make(), w);
+    Frame out;
+    const uint64_t before = g_allocations;
+    const FrameError e = DecodeFrameRaw(w.data(), w.size(), out);
+    EXPECT_EQ(g_allocations, before) << "DecodeFrameRaw allocated for a bad frame";
+    ASSERT_FALSE(e.ok());
+    EXPECT_EQ(e.code, FrameErrorCode::kInvalidField);
+    EXPECT_EQ(e.type, w[1]);
+    // Rendered only when asked, and then word for word what DecodeFrame says.
+    auto d = DecodeFrame(w.data(), w.size());
+    ASSERT_FALSE(d.ok());
+    EXPECT_EQ(DescribeFrameError(e), d.status().message());
+    EXPECT_EQ(FrameErrorStatus(e), d.status());
+    if (name != "io size 3") {
+      EXPECT_THAT(std::string(r.field), HasSubstr(fmt::format("'{}'", FrameFieldName(e.field))));
+    }
+  }
+  // Wire-only reasons carry their own code, field and byte offset.
+  WireFrame good;
+  EncodeFrame(Make(FrameType::kEoi, Eoi(), 9), good);
+  Frame out;
+  uint64_t before = g_allocations;
+  FrameError e = DecodeFrameRaw(good.data(), good.size(), out);
+  EXPECT_EQ(g_allocations, before);
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(out.sequence, 9u);
+  EXPECT_EQ(std::get<EoiPayload>(out.payload).gsi, Eoi().gsi);
+  WireFrame again;
+  EncodeFrame(out, again);
+  EXPECT_EQ(again, good);
+
+  struct Case {
+    size_t index;
+    uint8_t value;
+    FrameErrorCode code;
+    FrameField field;
+    uint8_t offset;
+  };
+  for (const Case& c : {Case{0, 7, FrameErrorCode::kVersion, FrameField::kVersion, 0},
+                        Case{1, 9, FrameErrorCode::kInvalidField, FrameField::kType, 0},
+                        Case{15, 1, FrameErrorCode::kInvalidField, FrameField::kPaddingByte, 15},
+                        Case{50, 3, FrameErrorCode::kInvalidField, FrameField::kTraceByte, 50}}) {
+    WireFrame w = good;
+    w[c.index] = c.value;
+    before = g_allocations;
+    e = DecodeFrameRaw(w.data(), w.size(), out);
+    EXPECT_EQ(g_allocations, before);
+    EXPECT_EQ(e.code, c.code) << c.index;
+    EXPECT_EQ(e.field, c.field) << c.index;
+    EXPECT_EQ(e.offset, c.offset) << c.index;
+    EXPECT_EQ(e.value, c.value) << c.index;
+    EXPECT_EQ(DescribeFrameError(e), DecodeFrame(w.data(), w.size()).status().message());
+  }
+  before = g_allocations;
+  e = DecodeFrameRaw(good.data(), 63, out);
+  EXPECT_EQ(g_allocations, before);
+  EXPECT_EQ(e.code, FrameErrorCode::kSize);
+  EXPECT_EQ(e.value, 63u);
+  EXPECT_EQ(FrameErrorStatus(e).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(DescribeFrameError(e), HasSubstr("size 63 bytes"));
+  e.code = FrameErrorCode::kVersion;
+  EXPECT_EQ(FrameErrorStatus(e).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(FrameErrorStatus(FrameError{}).ok());
+
+  // The transports' own reasons render too.
+  FrameError spoof{.code = FrameErrorCode::kWrongSource, .field = FrameField::kSource, .type = 4, .value = 9};
+  EXPECT_THAT(DescribeFrameError(spoof), HasSubstr("invalid eoi frame: it claims to come from node 9"));
+  FrameError not_send{.code = FrameErrorCode::kNotASend, .value = 129};
+  EXPECT_THAT(DescribeFrameError(not_send), HasSubstr("opcode 129 instead of a SEND"));
+}
+
+TEST(Frame, SequenceCheckerCountsGapsReordersAndWraps) {
+  SequenceChecker c;
+  EXPECT_EQ(c.expected(), 1u);
+  EXPECT_TRUE(c.Accept(1));
+  EXPECT_TRUE(c.Accept(2));
+  EXPECT_FALSE(c.Accept(5));  // gap: 3, 4 missing
+  EXPECT_EQ(c.expected(), 6u);
+  EXPECT_TRUE(c.Accept(6));   // resynchronised on the frame that arrived
+  EXPECT_FALSE(c.Accept(4));  // reorder (late frame)
+  EXPECT_FALSE(c.Accept(4));  // duplicate
+  EXPECT_TRUE(c.Accept(5));
+  SequenceChecker w(0xfffffffeu);
+  EXPECT_TRUE(w.Accept(0xfffffffeu));
+  EXPECT_TRUE(w.Accept(0xffffffffu));
+  EXPECT_EQ(w.expected(), 1u) << "0 is never a sequence number: after 2^32 - 1 comes 1";
+  EXPECT_TRUE(w.Accept(1));
+  EXPECT_EQ(NextSequence(0), 1u);
+  EXPECT_EQ(NextSequence(41), 42u);
 }
 
 // Writes the fuzz seed corpus (fuzz/corpus/frame/): every golden frame, traced and untraced. Run by hand:

@@ -28,13 +28,14 @@ constexpr size_t kRxFrames = 256;  // per-peer receive buffer: one recv(2) takes
 constexpr size_t kRxBytes = kRxFrames * kFrameSize;
 static_assert(kRxBytes % kFrameSize == 0);
 constexpr int kMaxEpollEvents = 16;
+// Accepted connections whose hello has not arrived yet, read concurrently during Connect. Beyond this many the oldest
+// is closed: a flood of silent connections cannot exhaust descriptors or starve the real peers.
+constexpr size_t kMaxPendingHellos = 64;
 
 std::string Errno(int err) {
   const char* name = strerrorname_np(err);
   return fmt::format("{} ({})", name != nullptr ? name : "errno " + std::to_string(err), std::strerror(err));
 }
-
-uint32_t NextSequence(uint32_t s) { return s == 0xffffffffu ? 1 : s + 1; }  // 0 is never a valid sequence
 
 absl::StatusOr<std::pair<std::string, std::string>> SplitHostPort(const std::string& address) {
   const size_t colon = address.rfind(':');
@@ -141,7 +142,7 @@ Frame HelloFrame(NodeId self, NodeId intended_peer) {
 
 // Checks a received hello; returns the sender's node id.
 absl::StatusOr<NodeId> CheckHello(const WireFrame& w, NodeId self) {
-  auto f = DecodeFrame(w.data(), w.size());
+  auto f = DecodeFrame(w.data(), w.size());  // set-up path: a bad hello's message is wanted
   if (!f.ok()) return f.status();
   const auto* c = std::get_if<ControlPayload>(&f->payload);
   if (f->type != FrameType::kControl || c == nullptr || c->op != ControlPayload::Op::kHello ||
@@ -175,7 +176,8 @@ struct TcpTransport::Peer {
   std::atomic<uint64_t> send_errors{0};
   absl::Status exhausted;  // prebuilt RESOURCE_EXHAUSTED: returning a copy does not allocate
   // Receiver side (poller only).
-  uint32_t recv_expected = 2;
+  SequenceChecker recv_sequence{2};  // 1 was the hello
+  FrameError last_bad_frame;         // why the last refused frame from this peer was refused (code + field)
   std::atomic<uint64_t> frames_received{0};
   size_t rx_begin = 0, rx_end = 0;
   alignas(64) std::array<uint8_t, kRxBytes> rx;
@@ -270,6 +272,10 @@ absl::Status TcpTransport::Connect(std::span<const PeerEndpoint> peers, absl::Du
     }
     p.alive.store(true, std::memory_order_release);
   }
+  // The mesh is complete: nobody else may join, so stop listening. A later stray connect is refused by the kernel
+  // instead of piling up in the backlog of a socket nobody accepts on.
+  ::close(listen_fd_);
+  listen_fd_ = -1;
   return absl::OkStatus();
 }
 
@@ -327,39 +333,89 @@ absl::Status TcpTransport::DialPeer(Peer& p, absl::Time deadline) {
 }
 
 absl::Status TcpTransport::AcceptPeers(std::vector<Peer*>& waiting, absl::Time deadline) {
+  // Every accepted connection is read concurrently through one poll(2) set, each with its own hello deadline, so a
+  // client that connects and says nothing delays nobody: it is closed when its own connect_timeout runs out.
+  struct Pending {
+    int fd = -1;
+    absl::Time hello_deadline;
+    size_t got = 0;
+    WireFrame hello{};
+  };
+  std::vector<Pending> pending;
+  std::vector<pollfd> fds;
+  auto drop = [&pending](size_t i) {
+    ::close(pending[i].fd);
+    pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(i));
+  };
+  auto close_all = [&pending] {
+    for (Pending& c : pending) ::close(c.fd);
+    pending.clear();
+  };
   while (!waiting.empty()) {
-    if (auto s = PollFd(listen_fd_, POLLIN, deadline, "accept peers"); !s.ok()) {
+    const absl::Time now = absl::Now();
+    if (now >= deadline) {
+      close_all();
       std::string missing;
       for (Peer* p : waiting) missing += fmt::format("{}{} ({})", missing.empty() ? "" : ", ", p->node, p->address);
       return absl::DeadlineExceededError(fmt::format("node {}: peers never connected: {}; are they running?",
                                                      self_, missing));
     }
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) continue;  // EAGAIN (raced) or a connection that went away
-    WireFrame hello{};
-    const absl::Time hello_deadline = std::min(deadline, Deadline(options_.connect_timeout));
-    absl::Status s = ReadAll(fd, hello.data(), hello.size(), hello_deadline, "read hello");
-    if (!s.ok()) {
-      ::close(fd);  // a connection that says nothing is not a peer; keep waiting for the real ones
-      continue;
+    // A connection whose hello did not arrive in time is not a peer; keep waiting for the real ones.
+    for (size_t i = pending.size(); i-- > 0;) {
+      if (pending[i].hello_deadline <= now) drop(i);
     }
-    auto from = CheckHello(hello, self_);
-    auto it = from.ok() ? std::find_if(waiting.begin(), waiting.end(), [&](Peer* p) { return p->node == *from; })
-                        : waiting.end();
-    if (it == waiting.end()) {
-      bad_frames_.fetch_add(1, std::memory_order_relaxed);  // garbage, or an unexpected node: drop the connection
-      ::close(fd);
-      continue;
+    absl::Time wake = deadline;
+    fds.assign(1, pollfd{listen_fd_, POLLIN, 0});
+    for (const Pending& c : pending) {
+      fds.push_back(pollfd{c.fd, POLLIN, 0});
+      wake = std::min(wake, c.hello_deadline);
     }
-    WireFrame reply;
-    EncodeFrame(HelloFrame(self_, (*it)->node), reply);
-    if (!WriteAll(fd, reply.data(), reply.size(), deadline, "answer hello").ok()) {
-      ::close(fd);
-      continue;
+    const int rc = ::poll(fds.data(), fds.size(), MillisUntil(wake));
+    if (rc < 0 && errno != EINTR) {
+      close_all();
+      return absl::UnavailableError(fmt::format("node {}: poll while accepting peers: {}", self_, Errno(errno)));
     }
-    (*it)->fd = fd;
-    waiting.erase(it);
+    if (rc <= 0) continue;
+    // Read the hellos that have bytes (fds[i + 1] is pending[i]; pending only shrinks below, from the back).
+    for (size_t i = pending.size(); i-- > 0;) {
+      if (fds[i + 1].revents == 0) continue;
+      Pending& c = pending[i];
+      const ssize_t r = ::recv(c.fd, c.hello.data() + c.got, kFrameSize - c.got, MSG_DONTWAIT);
+      if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+      if (r <= 0) {  // closed or reset before a whole hello: not a peer
+        drop(i);
+        continue;
+      }
+      c.got += static_cast<size_t>(r);
+      if (c.got < kFrameSize) continue;
+      auto from = CheckHello(c.hello, self_);
+      auto it = from.ok() ? std::find_if(waiting.begin(), waiting.end(), [&](Peer* p) { return p->node == *from; })
+                          : waiting.end();
+      if (it == waiting.end()) {
+        bad_frames_.fetch_add(1, std::memory_order_relaxed);  // garbage, or an unexpected node: drop the connection
+        drop(i);
+        continue;
+      }
+      WireFrame reply;
+      EncodeFrame(HelloFrame(self_, (*it)->node), reply);
+      if (!WriteAll(c.fd, reply.data(), reply.size(), std::min(deadline, c.hello_deadline), "answer hello").ok()) {
+        drop(i);
+        continue;
+      }
+      (*it)->fd = c.fd;
+      waiting.erase(it);
+      pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+    if ((fds[0].revents & POLLIN) != 0) {
+      for (;;) {  // take every queued connection
+        const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) break;  // EAGAIN (drained), or a connection that went away
+        if (pending.size() == kMaxPendingHellos) drop(0);  // the oldest silent one makes room
+        pending.push_back(Pending{fd, absl::Now() + options_.connect_timeout});
+      }
+    }
   }
+  close_all();  // connections still silent when the last peer arrived are strangers
   return absl::OkStatus();
 }
 
@@ -420,21 +476,27 @@ absl::Status TcpTransport::Send(NodeId to, Frame& frame) {
 size_t TcpTransport::DrainBuffered(Peer& p, std::span<ReceivedFrame> out, size_t n) {
   while (n < out.size() && p.rx_end - p.rx_begin >= kFrameSize) {
     const uint8_t* bytes = p.rx.data() + p.rx_begin;
-    auto decoded = DecodeFrame(bytes, kFrameSize);
-    if (!decoded.ok() || decoded->source != p.node) {
+    Frame& f = out[n].frame;  // decoded in place; out[n] only counts once n moves past it
+    FrameError e = DecodeFrameRaw(bytes, kFrameSize, f);
+    if (e.ok() && f.source != p.node) {
+      e.code = FrameErrorCode::kWrongSource;
+      e.field = FrameField::kSource;
+      e.type = static_cast<uint8_t>(f.type);
+      e.value = f.source.value();
+    }
+    if (!e.ok()) {
       bad_frames_.fetch_add(1, std::memory_order_relaxed);
+      p.last_bad_frame = e;
       p.rx_begin = p.rx_end = 0;  // the rest of the stream cannot be trusted
-      MarkLost(p, decoded.ok() ? fmt::format("sent a frame claiming to come from node {}; connection closed",
-                                             decoded->source)
-                               : fmt::format("sent an invalid frame ({}); connection closed",
-                                             std::string(decoded.status().message())));
+      // The connection ends here, once: the message is built on this loss path only.
+      MarkLost(p, e.code == FrameErrorCode::kWrongSource
+                      ? fmt::format("sent a frame claiming to come from node {}; connection closed", e.value)
+                      : fmt::format("sent an invalid frame ({}); connection closed", DescribeFrameError(e)));
       return n;
     }
     p.rx_begin += kFrameSize;
-    if (decoded->sequence != p.recv_expected) sequence_errors_.fetch_add(1, std::memory_order_relaxed);
-    p.recv_expected = NextSequence(decoded->sequence);
+    if (!p.recv_sequence.Accept(f.sequence)) sequence_errors_.fetch_add(1, std::memory_order_relaxed);
     out[n].from = p.node;
-    out[n].frame = *decoded;
     ++n;
     Bump(p.frames_received);
   }
@@ -539,6 +601,11 @@ void TcpTransport::Close() {
   }
   if (listen_fd_ >= 0) ::close(listen_fd_);
   listen_fd_ = -1;
+}
+
+FrameError TcpTransport::last_bad_frame(NodeId peer) const {
+  const int32_t idx = index_of_node_[peer.value()];
+  return idx < 0 ? FrameError{} : peers_[static_cast<size_t>(idx)]->last_bad_frame;
 }
 
 TransportStats TcpTransport::stats() const {

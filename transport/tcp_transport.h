@@ -3,17 +3,21 @@
 // Connection set-up (Connect): every node listens on `listen_address` from Create on. For each pair the node with
 // the LOWER id dials the higher one, so exactly one connection exists per pair whatever the start order. Both ends
 // then exchange a kControl/kHello frame (sequence 1 of each direction) that names the sender and the node it meant
-// to reach; a connection whose hello is missing, invalid or from an unexpected node is counted in bad_frames and
-// closed, and set-up carries on. Sockets are TCP_NODELAY and non-blocking from then on.
+// to reach. The accepting side reads every accepted connection's hello concurrently (one poll set, per-connection
+// state), each bounded by `connect_timeout`: a client that connects and stays silent is closed when its own time is
+// up and delays no other peer. A hello that is invalid or from an unexpected node is counted in bad_frames and that
+// connection closed; set-up carries on. Once every peer is connected the listening socket is closed (later connects
+// are refused). Sockets are TCP_NODELAY and non-blocking from then on.
 //
 // Per frame: Send encodes into a stack buffer and issues one send(2) (MSG_NOSIGNAL). A partial write (socket buffer
 // full mid-frame) is finished in place — a frame is never split across Send calls — bounded by
 // `send_stall_timeout`; EAGAIN before any byte is RESOURCE_EXHAUSTED (nothing consumed, retry later). Poll issues
-// one recv(2) per peer into a fixed per-peer buffer and decodes complete frames; Wait in kEvent mode sleeps in
-// epoll_wait and reads only the ready peers. Sequence numbers are checked per peer: a gap or reorder is counted in
-// `sequence_errors` (the frame is still delivered; TCP itself cannot reorder, so this means a broken peer).
-// A frame that fails DecodeFrame, or claims another source node, is counted in bad_frames, and that connection is
-// shut down: the stream can no longer be trusted. A lost peer (EOF, reset, bad bytes) is reported once by
+// one recv(2) per peer into a fixed per-peer buffer and decodes complete frames in place with DecodeFrameRaw (no
+// allocation for a bad frame either; the loss message is built once, when the connection ends); Wait in kEvent mode
+// sleeps in epoll_wait and reads only the ready peers. Sequence numbers are checked per peer: a gap or reorder is
+// counted in `sequence_errors` (the frame is still delivered; TCP itself cannot reorder, so this means a broken
+// peer). A frame that fails DecodeFrameRaw, or claims another source node, is counted in bad_frames, its reason kept
+// (last_bad_frame), and that connection is shut down: the stream can no longer be trusted. A lost peer (EOF, reset, bad bytes) is reported once by
 // Poll/Wait as UNAVAILABLE naming the node and its address; Send to it returns UNAVAILABLE.
 //
 // Namespaces: Create and Connect open sockets, so call them on a thread that is in the network namespace the node
@@ -41,8 +45,9 @@ struct TcpTransportOptions {
   /// "host:port" to listen on; port 0 picks a free port (see TcpTransport::listen_port). "[v6addr]:port" works.
   std::string listen_address = "0.0.0.0:0";
   WaitMode wait_mode = WaitMode::kEvent;
-  /// Bound on one dial attempt to a peer (TCP handshake + hello exchange). Connect's own timeout bounds the whole
-  /// mesh set-up; refused dials are retried until then (the peer may not have started yet).
+  /// Bound on one dial attempt to a peer (TCP handshake), and on how long an accepted connection may take to send
+  /// its hello. Connect's own timeout bounds the whole mesh set-up; refused dials are retried until then (the peer
+  /// may not have started yet).
   absl::Duration connect_timeout = absl::Seconds(2);
   /// How long Send may wait to finish a frame that the socket took only part of before declaring the peer lost.
   absl::Duration send_stall_timeout = absl::Seconds(2);
@@ -57,7 +62,7 @@ class TcpTransport final : public Transport {
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
 
-  /// The bound port (useful with port 0).
+  /// The bound port (useful with port 0). The socket itself is closed once Connect has every peer.
   uint16_t listen_port() const { return listen_port_; }
 
   NodeId self() const override { return self_; }
@@ -67,6 +72,7 @@ class TcpTransport final : public Transport {
   absl::StatusOr<size_t> Wait(std::span<ReceivedFrame> out, absl::Duration timeout) override;
   void Close() override;
   TransportStats stats() const override;
+  FrameError last_bad_frame(NodeId peer) const override;
   std::string_view name() const override { return "tcp"; }
 
  private:

@@ -280,6 +280,12 @@ TEST(TcpTransport, GarbageAfterHandshakeIsCountedAndClosesTheConnection) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("node 1"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("invalid frame"));
   EXPECT_EQ(t->stats().bad_frames, 1u);
+  // The reason is kept as values: the junk's first byte is not version 1.
+  const FrameError why = t->last_bad_frame(NodeId(1));
+  EXPECT_EQ(why.code, FrameErrorCode::kVersion);
+  EXPECT_EQ(why.value, 0xa5u);
+  EXPECT_THAT(std::string(s.message()), HasSubstr(DescribeFrameError(why)));
+  EXPECT_TRUE(t->last_bad_frame(NodeId(7)).ok()) << "not a peer";
   // The transport closed its side: the raw peer reads EOF.
   uint8_t b;
   EXPECT_EQ(::recv(fd, &b, 1, 0), 0);
@@ -311,6 +317,10 @@ TEST(TcpTransport, SpoofedSourceAndSequenceGapAreCounted) {
   EXPECT_EQ(t->stats().sequence_errors, 1u);
   EXPECT_EQ(t->stats().bad_frames, 1u);
   EXPECT_THAT(std::string(s.message()), HasSubstr("claiming to come from node 3"));
+  const FrameError why = t->last_bad_frame(NodeId(1));
+  EXPECT_EQ(why.code, FrameErrorCode::kWrongSource);
+  EXPECT_EQ(why.field, FrameField::kSource);
+  EXPECT_EQ(why.value, 3u);
   ::close(fd);
 }
 
@@ -331,6 +341,72 @@ TEST(TcpTransport, StrayConnectionsDuringConnectAreCountedAndIgnored) {
   EXPECT_EQ(ReceiveN(*b, 1).size(), 1u);
   ::close(junk_fd);
   ::close(stranger);
+}
+
+// A client that connects first and never says a word must not hold up the real peer behind it (the hellos are read
+// concurrently); once the mesh is complete the listening socket is closed, so later connects are refused.
+TEST(TcpTransport, SilentClientDoesNotDelayARealPeerAndLaterConnectsAreRefused) {
+  TcpTransportOptions o;
+  o.listen_address = "127.0.0.1:0";
+  o.connect_timeout = absl::Seconds(8);  // how long the old code waited for the silent client's hello
+  auto a = TcpTransport::Create(NodeId(1), o);
+  auto b = TcpTransport::Create(NodeId(2), o);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const uint16_t b_port = (*b)->listen_port();
+  const int silent = RawDial(b_port);  // queued first in node 2's backlog
+  const int silent2 = RawDial(b_port);
+  auto b_connected = std::async(std::launch::async, [&] {
+    PeerEndpoint p{NodeId(1), Loopback((*a)->listen_port())};
+    return (*b)->Connect(std::span(&p, 1), absl::Seconds(20));
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // node 2 is now waiting, the silent ones accepted
+  const absl::Time t0 = absl::Now();
+  PeerEndpoint p{NodeId(2), Loopback(b_port)};
+  const absl::Status sa = (*a)->Connect(std::span(&p, 1), absl::Seconds(20));
+  const absl::Status sb = b_connected.get();
+  const absl::Duration took = absl::Now() - t0;
+  ASSERT_TRUE(sa.ok()) << sa;
+  ASSERT_TRUE(sb.ok()) << sb;
+  EXPECT_LT(took, absl::Seconds(2)) << "the real peer waited behind a silent client";
+  EXPECT_EQ((*b)->stats().bad_frames, 0u) << "a silent connection is not a bad frame";
+  // The silent clients were closed when the mesh was complete: they read EOF.
+  uint8_t byte;
+  EXPECT_EQ(::recv(silent, &byte, 1, 0), 0);
+  EXPECT_EQ(::recv(silent2, &byte, 1, 0), 0);
+  ::close(silent);
+  ::close(silent2);
+  // Nobody listens any more.
+  const int late = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(b_port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(late, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), -1);
+  EXPECT_EQ(errno, ECONNREFUSED);
+  ::close(late);
+  // And the mesh works.
+  Frame f = Ipi(5);
+  ASSERT_TRUE((*a)->Send(NodeId(2), f).ok());
+  EXPECT_EQ(ReceiveN(**b, 1).size(), 1u);
+}
+
+// A silent client is dropped after its own connect_timeout, while set-up goes on waiting for the real peer.
+TEST(TcpTransport, SilentClientIsDroppedAfterConnectTimeout) {
+  auto b = Make(2);  // connect_timeout 500 ms
+  const int silent = RawDial(b->listen_port());
+  auto connected = std::async(std::launch::async, [&] {
+    PeerEndpoint p{NodeId(1), "127.0.0.1:1"};
+    return b->Connect(std::span(&p, 1), absl::Seconds(10));
+  });
+  // The transport hangs up on the silent client after ~500 ms, long before Connect's own deadline.
+  const absl::Time t0 = absl::Now();
+  uint8_t byte;
+  EXPECT_EQ(::recv(silent, &byte, 1, 0), 0);
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(5));
+  ::close(silent);
+  const int fd = RawPeer(1, 2, b->listen_port());
+  ASSERT_TRUE(connected.get().ok());
+  ::close(fd);
 }
 
 TEST(TcpTransport, ConnectTimesOutNamingTheMissingPeer) {

@@ -4,8 +4,11 @@
 //  - Frames are delivered to a peer reliably and in order, or the peer is reported lost (UNAVAILABLE).
 //  - Send, Poll and Wait do no allocation, take no lock shared with another sending thread and log nothing on the
 //    per-frame path; errors are values and counters.
-//  - Received bytes are decoded once (DecodeFrame) at the edge; a frame that fails validation is counted in
-//    `bad_frames` and dropped (tcp also closes that connection: its stream can no longer be trusted).
+//  - Received bytes are decoded once (DecodeFrameRaw, which does not allocate) at the edge; a frame that fails
+//    validation is counted in `bad_frames` and dropped (tcp also closes that connection: its stream can no longer be
+//    trusted). The reason of the last refused frame is kept per peer (last_bad_frame) and rendered only on request.
+//  - Sequence numbers are checked per peer: a gap or reorder is counted in `sequence_errors`, the frame is still
+//    delivered (both transports are reliable and ordered, so this means a broken peer).
 //  - One thread polls; sending from several threads to the same peer must be serialised by the caller.
 #pragma once
 
@@ -43,7 +46,7 @@ struct ReceivedFrame {
 struct TransportStats {
   uint64_t frames_sent = 0;
   uint64_t frames_received = 0;
-  uint64_t bad_frames = 0;        // failed DecodeFrame (or wrong source node): counted and dropped
+  uint64_t bad_frames = 0;        // failed DecodeFrameRaw (or wrong source node): counted and dropped
   uint64_t sequence_errors = 0;   // a frame whose sequence number is not the expected next one (gap or reorder)
   uint64_t send_errors = 0;
   uint64_t peers_lost = 0;
@@ -68,6 +71,9 @@ class Transport {
   /// Closes every connection and releases every resource, in the reverse order of creation. Idempotent.
   virtual void Close() = 0;
   virtual TransportStats stats() const = 0;
+  /// Why the last frame refused from `peer` was refused (code + field + value; DescribeFrameError renders it), or an
+  /// ok() FrameError if none was or `peer` is unknown. Call it on the polling thread.
+  virtual FrameError last_bad_frame(NodeId peer) const = 0;
   virtual std::string_view name() const = 0;
 };
 

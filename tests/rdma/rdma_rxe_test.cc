@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <new>
 #include <string>
 #include <thread>
 #include <vector>
@@ -23,6 +24,26 @@
 #include "transport/rdma/tcp_bootstrap.h"
 
 extern char** environ;
+
+// Counts this thread's heap allocations: the per-frame paths (a bad frame received, a full send queue) must not
+// allocate, whatever the peer sends.
+namespace {
+thread_local uint64_t g_allocations = 0;
+}  // namespace
+void* operator new(std::size_t n) {
+  ++g_allocations;
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // the operator new above is malloc: free is its match
+#endif
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 namespace aggvm::transport::rdma {
 namespace {
@@ -206,15 +227,20 @@ TEST(RdmaRxe, EventModeWaitWakesAndTimesOut) {
   }
 }
 
-// A peer that sends bytes that are not a valid frame: each is counted and dropped, the connection keeps working.
-TEST(RdmaRxe, GarbageFromPeerIsCountedAndDropped) {
+// Node 1 as an RdmaTransport, node 2 as a raw RC endpoint that can send any bytes.
+struct RawPair {
+  std::unique_ptr<RdmaTransport> a;
+  std::unique_ptr<testing::RawRcEndpoint> raw;
+};
+RawPair ConnectedToRaw() {
   std::string addr_a;
   auto a = Make(1, WaitMode::kBusyPoll, &addr_a);
-  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(a.ok()) << a.status();
   auto raw = testing::RawRcEndpoint::Create(DeviceSelection{});
-  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_TRUE(raw.ok()) << raw.status();
   auto raw_boot = TcpBootstrap::Listen(NodeId(2), "127.0.0.1:0");
-  ASSERT_TRUE(raw_boot.ok());
+  EXPECT_TRUE(raw_boot.ok());
+  if (!a.ok() || !raw.ok() || !raw_boot.ok()) return {};
   absl::Status raw_status;
   std::thread t([&] {
     const PeerEndpoint peer{NodeId(1), addr_a};
@@ -225,9 +251,41 @@ TEST(RdmaRxe, GarbageFromPeerIsCountedAndDropped) {
     if (raw_status.ok()) raw_status = (*raw_boot)->Ready(peer, deadline);
   });
   const PeerEndpoint peer{NodeId(2), (*raw_boot)->address()};
-  ASSERT_TRUE((*a)->Connect({&peer, 1}, absl::Seconds(20)).ok());
+  const absl::Status sa = (*a)->Connect({&peer, 1}, absl::Seconds(20));
   t.join();
-  ASSERT_TRUE(raw_status.ok()) << raw_status;
+  EXPECT_TRUE(sa.ok()) << sa;
+  EXPECT_TRUE(raw_status.ok()) << raw_status;
+  if (!sa.ok() || !raw_status.ok()) return {};
+  return {std::move(*a), std::move(*raw)};
+}
+
+// Waits (busy) until `want` frames arrived or 10 s passed; counts this thread's allocations meanwhile.
+std::vector<ReceivedFrame> Collect(RdmaTransport& t, size_t want, uint64_t* allocations) {
+  std::vector<ReceivedFrame> got;
+  std::vector<ReceivedFrame> buf(8);
+  got.reserve(want + 8);
+  uint64_t counted = 0;
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (got.size() < want && Clock::now() < deadline) {
+    const uint64_t before = g_allocations;
+    auto n = t.Wait(buf, absl::Milliseconds(100));
+    counted += g_allocations - before;
+    EXPECT_TRUE(n.ok()) << n.status();
+    if (!n.ok()) break;
+    got.insert(got.end(), buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(*n));
+  }
+  *allocations = counted;
+  return got;
+}
+
+// A peer that sends bytes that are not a valid frame: each is counted and dropped without an allocation, the reason
+// of the last one is kept, the connection keeps working. Sequence gaps and reorders are counted, the frames
+// delivered.
+TEST(RdmaRxe, GarbageFromPeerIsCountedAndDropped) {
+  RawPair p = ConnectedToRaw();
+  ASSERT_TRUE(p.a && p.raw);
+  auto& a = p.a;
+  auto& raw = p.raw;
 
   WireFrame good{};
   Frame ok = Ping(7);
@@ -242,34 +300,94 @@ TEST(RdmaRxe, GarbageFromPeerIsCountedAndDropped) {
   EncodeFrame(forged, wrong_source);
   WireFrame bad_version = good;
   bad_version[0] = kFrameVersion + 1;
-  ASSERT_TRUE((*raw)->Send(garbage.data(), kFrameSize));
-  ASSERT_TRUE((*raw)->Send(good.data(), 10));  // short
-  ASSERT_TRUE((*raw)->Send(wrong_source.data(), kFrameSize));
-  ASSERT_TRUE((*raw)->Send(bad_version.data(), kFrameSize));
-  ASSERT_TRUE((*raw)->Send(good.data(), kFrameSize));
+  ASSERT_TRUE(raw->Send(garbage.data(), kFrameSize));
+  ASSERT_TRUE(raw->Send(good.data(), 10));  // short
+  ASSERT_TRUE(raw->Send(wrong_source.data(), kFrameSize));
+  ASSERT_TRUE(raw->Send(bad_version.data(), kFrameSize));
+  ASSERT_TRUE(raw->Send(good.data(), kFrameSize));
 
-  std::vector<ReceivedFrame> buf(8);
-  auto n = (*a)->Wait(buf, absl::Seconds(10));
-  for (int i = 0; i < 50 && n.ok() && *n == 0; ++i) n = (*a)->Wait(buf, absl::Milliseconds(100));
-  ASSERT_TRUE(n.ok()) << n.status();
-  ASSERT_EQ(*n, 1u);
-  EXPECT_EQ(buf[0].from, NodeId(2));
-  EXPECT_EQ(buf[0].frame.sequence, 1u);
-  ASSERT_NE(std::get_if<ControlPayload>(&buf[0].frame.payload), nullptr);
-  EXPECT_EQ(std::get<ControlPayload>(buf[0].frame.payload).arg0, 7u);
-  EXPECT_EQ((*a)->stats().bad_frames, 4u);
-  EXPECT_EQ((*a)->stats().frames_received, 1u);
+  uint64_t allocations = 0;
+  std::vector<ReceivedFrame> got = Collect(*a, 1, &allocations);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(allocations, 0u) << "receiving 4 bad frames allocated";
+  EXPECT_EQ(got[0].from, NodeId(2));
+  EXPECT_EQ(got[0].frame.sequence, 1u);
+  ASSERT_NE(std::get_if<ControlPayload>(&got[0].frame.payload), nullptr);
+  EXPECT_EQ(std::get<ControlPayload>(got[0].frame.payload).arg0, 7u);
+  EXPECT_EQ(a->stats().bad_frames, 4u);
+  EXPECT_EQ(a->stats().frames_received, 1u);
+  EXPECT_EQ(a->stats().sequence_errors, 0u);
+  const FrameError why = a->last_bad_frame(NodeId(2));
+  EXPECT_EQ(why.code, FrameErrorCode::kVersion);
+  EXPECT_EQ(why.value, kFrameVersion + 1u);
+  EXPECT_NE(DescribeFrameError(why).find("'version' = 2"), std::string::npos) << DescribeFrameError(why);
+  EXPECT_TRUE(a->last_bad_frame(NodeId(5)).ok()) << "not a peer";
+
+  // Sequence numbers 2, 5 (gap), 4 (reorder), 5: all four delivered, two counted.
+  for (uint32_t seq : {2u, 5u, 4u, 5u}) {
+    Frame f = Ping(seq);
+    f.source = NodeId(2);
+    f.sequence = seq;
+    WireFrame w;
+    EncodeFrame(f, w);
+    ASSERT_TRUE(raw->Send(w.data(), kFrameSize));
+  }
+  got = Collect(*a, 4, &allocations);
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got[1].frame.sequence, 5u);
+  EXPECT_EQ(a->stats().sequence_errors, 2u);
+  EXPECT_EQ(a->stats().bad_frames, 4u);
+
   // The connection still works in both directions.
   Frame back = Ping(0);
-  ASSERT_TRUE((*a)->Send(NodeId(2), back).ok());
-  int got = 0;
-  for (int i = 0; i < 100000 && got == 0; ++i) {
-    got = (*raw)->PollRecv(4, [&](const uint8_t* d, uint32_t len) {
+  ASSERT_TRUE(a->Send(NodeId(2), back).ok());
+  int received = 0;
+  for (int i = 0; i < 100000 && received == 0; ++i) {
+    received = raw->PollRecv(4, [&](const uint8_t* d, uint32_t len) {
       auto f = DecodeFrame(d, len);
       EXPECT_TRUE(f.ok()) << f.status();
     });
   }
-  EXPECT_EQ(got, 1);
+  EXPECT_EQ(received, 1);
+}
+
+// A receiver that stops polling: its receive ring fills, RC flow control (RNR, retried forever) holds the sender's
+// frames, and the sender's queue fills. Send then returns RESOURCE_EXHAUSTED without allocating, and everything
+// arrives in order once the receiver polls again.
+TEST(RdmaRxe, FullSendQueueIsResourceExhaustedWithoutAllocating) {
+  Pair p = Connected(WaitMode::kBusyPoll);
+  ASSERT_TRUE(p.a && p.b);
+  uint64_t sent = 0;
+  absl::Status full;
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (Clock::now() < deadline && sent < 100000) {
+    Frame f = Ping(sent);
+    full = p.a->Send(NodeId(2), f);
+    if (!full.ok()) break;
+    ++sent;
+  }
+  ASSERT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full << " after " << sent << " frames";
+  EXPECT_NE(full.message().find("send queue to node 2 is full"), std::string_view::npos) << full;
+  EXPECT_GE(sent, uint64_t{RdmaTransport::kSendDepth});
+  const uint64_t before = g_allocations;
+  for (int i = 0; i < 1000; ++i) {
+    Frame f = Ping(sent);
+    ASSERT_EQ(p.a->Send(NodeId(2), f).code(), absl::StatusCode::kResourceExhausted);
+  }
+  EXPECT_EQ(g_allocations - before, 0u) << "a full send queue allocated";
+  // The receiver drains; the held frames follow in order.
+  std::vector<ReceivedFrame> buf(64);
+  uint64_t got = 0;
+  const auto drain_deadline = Clock::now() + std::chrono::seconds(30);
+  while (got < sent && Clock::now() < drain_deadline) {
+    auto n = p.b->Poll(buf);
+    ASSERT_TRUE(n.ok()) << n.status();
+    for (size_t i = 0; i < *n; ++i) ASSERT_NO_FATAL_FAILURE(ExpectPing(buf[i], NodeId(1), got++));
+  }
+  EXPECT_EQ(got, sent);
+  EXPECT_EQ(p.b->stats().sequence_errors, 0u);
+  Frame f = Ping(sent);
+  EXPECT_TRUE(p.a->Send(NodeId(2), f).ok()) << "room again after the receiver drained";
 }
 
 // The peer closes (its QP is destroyed): the next sends fail with a retry-exceeded completion, and both Send and

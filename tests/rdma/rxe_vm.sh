@@ -103,12 +103,23 @@ flock -u 9
 # ---- the initramfs ---------------------------------------------------------------------------------------------
 own_workdir=0
 if [ -z "$workdir" ]; then workdir=$(mktemp -d /tmp/aggvm-rxe.XXXXXX); own_workdir=1; fi
+# qemu writes its pid here (-pidfile): $! after the boot pipeline below is tee's, not qemu's.
+qemu_pidfile="$workdir/qemu.pid"
 qemu_pid=""
+rm -f "$qemu_pidfile"
 cleanup() {
-  [ -n "$qemu_pid" ] && kill -9 "$qemu_pid" 2>/dev/null
+  if [ -z "$qemu_pid" ] && [ -s "$qemu_pidfile" ]; then qemu_pid=$(cat "$qemu_pidfile" 2>/dev/null); fi
+  # Kill only a qemu of ours that still runs (the pid may have been reused after a normal exit).
+  if [ -n "$qemu_pid" ] && [[ "$(cat "/proc/$qemu_pid/comm" 2>/dev/null)" == qemu-system* ]]; then
+    kill -9 "$qemu_pid" 2>/dev/null
+  fi
   [ $own_workdir -eq 1 ] && rm -rf "$workdir"
 }
 trap cleanup EXIT
+# A signal (ctest's timeout, ^C) ends the script through `exit`, so the EXIT trap above kills qemu.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 root="$workdir/root"
 rm -rf "$root"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,lib/modules}
@@ -202,10 +213,16 @@ console="$workdir/console.log"
 log "booting $kver under qemu TCG (timeout ${timeout_s}s): $command_line"
 start=$(date +%s)
 timeout --kill-after=5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot \
-  -kernel "$vmlinuz" -initrd "$workdir/initrd.gz" \
+  -pidfile "$qemu_pidfile" -kernel "$vmlinuz" -initrd "$workdir/initrd.gz" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0 </dev/null 2>&1 | tr -d '\r' | tee "$console" &
-wait $!
+pipeline_pid=$!
+for _ in $(seq 100); do  # qemu writes the pidfile as it starts
+  [ -s "$qemu_pidfile" ] && { qemu_pid=$(cat "$qemu_pidfile"); break; }
+  kill -0 "$pipeline_pid" 2>/dev/null || break
+  sleep 0.1
+done
+wait "$pipeline_pid"
 end=$(date +%s)
 
 result=$(grep -a -o 'AGGVM-RXE-RESULT rc=[0-9]*' "$console" | tail -1 | sed 's/.*rc=//')

@@ -44,7 +44,8 @@ struct RdmaTransport::Peer {
   QueuePair qp;
 
   // Owned by the (serialised) sender of this peer.
-  uint32_t last_sequence = 0;
+  uint32_t last_sequence = 0;  // the first frame carries NextSequence(0) = 1
+  absl::Status queue_full;     // prebuilt RESOURCE_EXHAUSTED: returning a copy does not allocate
   uint64_t posted = 0;     // sends posted
   uint64_t completed = 0;  // sends known complete (a signalled completion covers every earlier send)
   std::atomic<uint64_t> frames_sent{0};
@@ -54,10 +55,15 @@ struct RdmaTransport::Peer {
   std::atomic<uint8_t> loss{kLossNone};
   bool loss_reported = false;  // poller only: Poll reports a loss once
   char loss_reason[320] = {};
+  absl::Status losing;         // prebuilt: the loss seen by another thread whose reason is still being written
+
+  // Owned by the poller.
+  SequenceChecker recv_sequence;  // expects 1 first
+  FrameError last_bad_frame;      // why the last refused receive from this peer was refused
 
   absl::Status LossStatus() const {
     if (loss.load(std::memory_order_acquire) == kLossSet) return absl::UnavailableError(loss_reason);
-    return absl::UnavailableError(absl::StrFormat("rdma peer node %d lost", node.value()));
+    return losing;
   }
 };
 
@@ -209,6 +215,10 @@ absl::Status RdmaTransport::Connect(std::span<const PeerEndpoint> peers, absl::D
     p->recv_slots = buffer_.get() + i * per_peer;
     p->send_slots = p->recv_slots + static_cast<size_t>(kRecvDepth) * kFrameSize;
     p->send_psn = rd() & 0xffffff;
+    p->queue_full = absl::ResourceExhaustedError(
+        absl::StrFormat("rdma send queue to node %d is full (%u frames in flight); retry after polling",
+                        p->node.value(), kSendDepth));
+    p->losing = absl::UnavailableError(absl::StrFormat("rdma peer node %d lost", p->node.value()));
     peers_.push_back(std::move(p));
     if (auto s = SetUpQueuePair(*peers_.back(), i); !s.ok()) return fail(s);
   }
@@ -303,7 +313,7 @@ absl::Status RdmaTransport::Send(NodeId to, Frame& frame) {
     return p->LossStatus();
   }
   frame.source = options_.self;
-  frame.sequence = p->last_sequence + 1;
+  frame.sequence = NextSequence(p->last_sequence);
   if (auto s = ValidateFrame(frame); !s.ok()) {
     Bump(p->send_errors);
     return s;
@@ -313,10 +323,7 @@ absl::Status RdmaTransport::Send(NodeId to, Frame& frame) {
       Bump(p->send_errors);
       return s;
     }
-    if (p->posted - p->completed >= kSendDepth) {
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("rdma send queue to node %d is full (%u frames in flight); retry", to.value(), kSendDepth));
-    }
+    if (p->posted - p->completed >= kSendDepth) return p->queue_full;  // a copy: no allocation
   }
   const uint32_t slot = static_cast<uint32_t>(p->posted % kSendDepth);
   uint8_t* wire = p->send_slots + static_cast<size_t>(slot) * kFrameSize;
@@ -368,6 +375,7 @@ absl::StatusOr<size_t> RdmaTransport::Poll(std::span<ReceivedFrame> out) {
   if (n < 0) return absl::InternalError("ibv_poll_cq on the receive CQ failed");
   size_t k = 0;
   uint64_t bad_frames = 0;
+  uint64_t sequence_errors = 0;
   for (int i = 0; i < n; ++i) {
     const ibv_wc& wc = wcs[i];
     const size_t index = wc.wr_id >> kPeerShift;
@@ -379,20 +387,29 @@ absl::StatusOr<size_t> RdmaTransport::Poll(std::span<ReceivedFrame> out) {
     }
     const uint32_t slot = static_cast<uint32_t>(wc.wr_id & kLowMask);
     uint8_t* buf = p.recv_slots + static_cast<size_t>(slot) * kFrameSize;
-    if (wc.opcode == IBV_WC_RECV && wc.byte_len == kFrameSize) {
-      auto f = DecodeFrame(buf, kFrameSize);
-      // A frame must come from the node at the other end of this QP.
-      if (f.ok() && f->source == p.node) {
-        out[k].from = p.node;
-        out[k].frame = *f;
-        ++k;
-      } else {
-        ++bad_frames;
-      }
+    FrameError e;
+    if (wc.opcode != IBV_WC_RECV) {
+      e.code = FrameErrorCode::kNotASend;
+      e.value = wc.opcode;
     } else {
+      // Decoded in place into out[k] (no allocation, also for a bad frame); out[k] counts only once k moves on.
+      e = DecodeFrameRaw(buf, wc.byte_len, out[k].frame);
+      if (e.ok() && out[k].frame.source != p.node) {  // a frame must come from the node at the other end of the QP
+        e.code = FrameErrorCode::kWrongSource;
+        e.field = FrameField::kSource;
+        e.type = static_cast<uint8_t>(out[k].frame.type);
+        e.value = out[k].frame.source.value();
+      }
+    }
+    if (e.ok()) {
+      if (!p.recv_sequence.Accept(out[k].frame.sequence)) ++sequence_errors;
+      out[k].from = p.node;
+      ++k;
+    } else {
+      p.last_bad_frame = e;
       ++bad_frames;
     }
-    // The frame was copied out by DecodeFrame: give the slot back to the receive ring at once.
+    // The frame was copied out by DecodeFrameRaw: give the slot back to the receive ring at once.
     ibv_sge sge{reinterpret_cast<uintptr_t>(buf), static_cast<uint32_t>(kFrameSize), mr_->lkey};
     ibv_recv_wr wr{};
     wr.wr_id = wc.wr_id;
@@ -407,6 +424,7 @@ absl::StatusOr<size_t> RdmaTransport::Poll(std::span<ReceivedFrame> out) {
   }
   if (k > 0) Bump(frames_received_, k);
   if (bad_frames > 0) Bump(bad_frames_, bad_frames);
+  if (sequence_errors > 0) Bump(sequence_errors_, sequence_errors);
   // A loss not yet reported (one relaxed load while nothing is wrong, so empty busy-polls stay short).
   if (k == 0 && peers_lost_.load(std::memory_order_relaxed) != losses_reported_) {
     for (auto& p : peers_) {
@@ -471,6 +489,13 @@ void RdmaTransport::Close() {
   device_.context.reset();
 }
 
+FrameError RdmaTransport::last_bad_frame(NodeId peer) const {
+  for (const auto& p : peers_) {
+    if (p->node == peer) return p->last_bad_frame;
+  }
+  return FrameError{};
+}
+
 TransportStats RdmaTransport::stats() const {
   TransportStats s;
   s.frames_sent = retired_sent_;
@@ -481,6 +506,7 @@ TransportStats RdmaTransport::stats() const {
   }
   s.frames_received = frames_received_.load(std::memory_order_relaxed);
   s.bad_frames = bad_frames_.load(std::memory_order_relaxed);
+  s.sequence_errors = sequence_errors_.load(std::memory_order_relaxed);
   s.peers_lost = peers_lost_.load(std::memory_order_relaxed);
   return s;
 }

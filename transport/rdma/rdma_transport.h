@@ -5,8 +5,11 @@
 //   (registered once in Connect) -> receive CQ (shared by every peer) -> per peer: send CQ -> QP.
 // Per frame: Send encodes into the peer's registered send slot and posts one inline SEND (the 64-byte frame fits
 // the QP's max_inline_data; otherwise the slot is sent by reference), signalling only every kSignalEvery-th send
-// (selective signalling); Poll drains the receive CQ, decodes each 64-byte receive once with DecodeFrame and reposts
-// the slot right away. No allocation, lock or log call on these paths.
+// (selective signalling); a full send queue returns a RESOURCE_EXHAUSTED status prebuilt per peer. Poll drains the
+// receive CQ, decodes each 64-byte receive once with DecodeFrameRaw (in place, no allocation even for a bad frame,
+// whose reason is kept per peer: last_bad_frame), checks the per-peer sequence number (a gap or reorder is counted in
+// sequence_errors, the frame still delivered) and reposts the slot right away. No allocation, lock or log call on
+// these paths.
 //
 // A failed work completion (e.g. IBV_WC_RETRY_EXC_ERR: the peer stopped acknowledging, IBA 9.7.6.1.3) moves the QP
 // to the error state, which flushes its receives: the peer is reported lost (UNAVAILABLE naming it) by Poll/Wait
@@ -47,8 +50,8 @@ class RdmaTransport final : public Transport {
   static_assert(kPollBatch <= kRecvDepth);
 
   /// Opens the device and allocates the protection domain (and completion channel). With no RDMA device this fails
-  /// with UNAVAILABLE: "no RDMA device found (ibv_get_device_list: ENOSYS); start with --transport=tcp or load
-  /// rdma_rxe".
+  /// with UNAVAILABLE: "no RDMA device found (ibv_get_device_list: ENOSYS); set `transport: TRANSPORT_KIND_TCP` in
+  /// the VM spec, or load rdma_rxe (rdma link add rxe0 type rxe netdev <netdev>)".
   static absl::StatusOr<std::unique_ptr<RdmaTransport>> Create(const RdmaOptions& options,
                                                                std::unique_ptr<RdmaBootstrap> bootstrap);
   ~RdmaTransport() override;
@@ -62,6 +65,7 @@ class RdmaTransport final : public Transport {
   absl::StatusOr<size_t> Wait(std::span<ReceivedFrame> out, absl::Duration timeout) override;
   void Close() override;
   TransportStats stats() const override;
+  FrameError last_bad_frame(NodeId peer) const override;
   std::string_view name() const override { return "rdma"; }
 
   /// The opened device and port (GID index chosen, max_inline_data once connected).
@@ -99,6 +103,7 @@ class RdmaTransport final : public Transport {
   // Written by the polling thread only (plain load + store, no locked instruction), read by stats().
   std::atomic<uint64_t> frames_received_{0};
   std::atomic<uint64_t> bad_frames_{0};
+  std::atomic<uint64_t> sequence_errors_{0};
   std::atomic<uint64_t> peers_lost_{0};  // incremented by whichever thread sees the loss first
   uint64_t losses_reported_ = 0;         // poller only
 };

@@ -24,6 +24,11 @@ int DeviceCount(int* err) {
   return num;
 }
 
+// The fix names the real switch: the VM spec's `transport` field (proto/aggvm.proto), not a command-line flag.
+constexpr char kFix[] =
+    "set `transport: TRANSPORT_KIND_TCP` in the VM spec, or load rdma_rxe (rdma link add rxe0 type rxe netdev "
+    "<netdev>)";
+
 TEST(RdmaTransport, WithoutDeviceCreateNamesTheFix) {
   int err = 0;
   const int count = DeviceCount(&err);
@@ -37,11 +42,11 @@ TEST(RdmaTransport, WithoutDeviceCreateNamesTheFix) {
   EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable);
   if (count < 0) {
     EXPECT_EQ(t.status().message(), std::string("no RDMA device found (ibv_get_device_list: ") +
-                                        ErrnoName(err) +
-                                        "); start with --transport=tcp or load rdma_rxe");
+                                        ErrnoName(err) + "); " + kFix);
     if (err == ENOSYS) {  // this project's build machines (FACTS.md): no kernel InfiniBand at all
       EXPECT_EQ(t.status().message(),
-                "no RDMA device found (ibv_get_device_list: ENOSYS); start with --transport=tcp or load rdma_rxe");
+                "no RDMA device found (ibv_get_device_list: ENOSYS); set `transport: TRANSPORT_KIND_TCP` in the VM "
+                "spec, or load rdma_rxe (rdma link add rxe0 type rxe netdev <netdev>)");
     }
   } else {
     EXPECT_NE(t.status().message().find("empty list"), std::string_view::npos) << t.status();
@@ -68,8 +73,7 @@ TEST(RdmaTransport, UnknownDeviceOrNoDeviceIsAClearError) {
     EXPECT_EQ(t.status().code(), absl::StatusCode::kNotFound);
     EXPECT_NE(t.status().message().find("'no_such_hca9' not found"), std::string_view::npos) << t.status();
   } else {
-    EXPECT_NE(t.status().message().find("start with --transport=tcp or load rdma_rxe"), std::string_view::npos)
-        << t.status();
+    EXPECT_NE(t.status().message().find(kFix), std::string_view::npos) << t.status();
   }
 }
 

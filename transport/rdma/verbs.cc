@@ -116,19 +116,25 @@ void CompletionQueue::reset() {
   unacked_events_ = 0;
 }
 
+namespace {
+// What to do without an RDMA device. The switch is the VM spec's `transport` field (proto/aggvm.proto, TransportKind).
+constexpr char kNoDeviceFix[] =
+    "set `transport: TRANSPORT_KIND_TCP` in the VM spec, or load rdma_rxe (rdma link add rxe0 type rxe netdev "
+    "<netdev>)";
+}  // namespace
+
 absl::StatusOr<OpenedDevice> OpenDevice(const DeviceSelection& sel) {
   int num = 0;
   errno = 0;
   std::unique_ptr<ibv_device*, DeviceListDeleter> list(ibv_get_device_list(&num));
   if (!list) {
     const int err = errno;
-    return absl::UnavailableError(Cat("no RDMA device found (ibv_get_device_list: ", ErrnoName(err),
-                                               "); start with --transport=tcp or load rdma_rxe"));
+    return absl::UnavailableError(Cat("no RDMA device found (ibv_get_device_list: ", ErrnoName(err), "); ",
+                                      kNoDeviceFix));
   }
   if (num == 0) {
     return absl::UnavailableError(
-        "no RDMA device found (ibv_get_device_list returned an empty list); start with --transport=tcp or load "
-        "rdma_rxe (rdma link add rxe0 type rxe netdev <netdev>)");
+        Cat("no RDMA device found (ibv_get_device_list returned an empty list); ", kNoDeviceFix));
   }
   ibv_device* dev = nullptr;
   std::string names;

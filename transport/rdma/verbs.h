@@ -98,7 +98,8 @@ struct OpenedDevice {
 };
 
 /// Opens the selected device and queries the port and GID. With no RDMA device at all the error says how to proceed
-/// ("no RDMA device found (ibv_get_device_list: ENOSYS); start with --transport=tcp or load rdma_rxe").
+/// ("no RDMA device found (ibv_get_device_list: ENOSYS); set `transport: TRANSPORT_KIND_TCP` in the VM spec, or
+/// load rdma_rxe (rdma link add rxe0 type rxe netdev <netdev>)").
 absl::StatusOr<OpenedDevice> OpenDevice(const DeviceSelection& sel);
 
 /// The remote end of an RC connection.
