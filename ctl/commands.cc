@@ -1,6 +1,9 @@
 #include "ctl/commands.h"
 
+#include <cctype>
 #include <chrono>
+#include <map>
+#include <stdexcept>
 #include <ostream>
 #include <thread>
 
@@ -49,6 +52,33 @@ class Client {
   std::unique_ptr<v1::Master::Stub> stub_;
 };
 
+// ROUTING_POLICY_NODE_LOCAL_FIRST -> node-local-first (the names aggvmctl vm policy takes).
+std::string PolicyName(v1::RoutingPolicy p) {
+  std::string n = v1::RoutingPolicy_Name(p);
+  if (n.rfind("ROUTING_POLICY_", 0) == 0) n = n.substr(15);
+  for (auto& ch : n) ch = ch == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return n;
+}
+
+void PrintRoutingTable(const v1::RoutingTable& table, std::ostream& out) {
+  fmt::print(out, "vm {} policy {}\n", table.vm(), PolicyName(table.policy()));
+  fmt::print(out, "{:>4} {:<6} {:>6} {:<15} {:<16} {}\n", "GSI", "SOURCE", "VECTOR", "DELIVERY", "DESTINATION", "FLAGS");
+  for (const auto& e : table.entries()) {
+    fmt::print(out, "{:>4} {:<6} {:>#6x} {:<15} {:<16} {}{}{}{}\n", e.gsi(), e.source(), e.vector(), e.delivery_mode(),
+               e.destination(), e.masked() ? "masked " : "", e.level() ? "level " : "edge ",
+               e.input() ? "asserted " : "", e.remote_irr() ? "remote-irr" : "");
+  }
+  for (const auto& r : table.static_routes()) fmt::print(out, "static pin: vector {:#x} -> vCPU {}\n", r.vector(), r.vcpu());
+  if (!table.counters().empty()) {
+    std::map<std::string, uint64_t> sorted(table.counters().begin(), table.counters().end());
+    std::string line;
+    for (const auto& [k, v] : sorted) {
+      if (v != 0) line += fmt::format(" {}={}", k, v);
+    }
+    fmt::print(out, "counters:{}\n", line.empty() ? " (all zero)" : line);
+  }
+}
+
 std::string Placement(const v1::VmSpec& spec) {
   std::string s;
   for (const auto& p : spec.placement()) {
@@ -84,7 +114,13 @@ absl::Status Follow(const CtlOptions& opt, const v1::WatchEventsRequest& req, co
         ctx.TryCancel();
         break;
       }
-    } else if (!e.has_record()) {
+    } else if (e.has_record()) {
+      if (follow.records) {
+        fmt::print(out, "{}\n", req.vm().empty() ? master::DescribeEvent(e)
+                                                 : fmt::format("[vcpu {} @ {}] {}", e.record().vcpu(),
+                                                               e.record().node(), master::DescribeRecord(e.record())));
+      }
+    } else {
       fmt::print(out, "-- {}\n", master::DescribeEvent(e));
     }
     out.flush();
@@ -218,13 +254,63 @@ absl::Status VmRouting(const CtlOptions& opt, const std::string& name, std::ostr
   ref.set_name(name);
   v1::RoutingTable table;
   if (auto st = c.stub().GetRoutingTable(&ctx, ref, &table); !st.ok()) return c.Fail(st, "get routing table");
-  fmt::print(out, "vm {} policy {}\n", table.vm(), v1::RoutingPolicy_Name(table.policy()));
-  fmt::print(out, "{:>4} {:<6} {:>6} {:<10} {:<34} {}\n", "GSI", "SOURCE", "VECTOR", "DELIVERY", "DESTINATION", "FLAGS");
-  for (const auto& e : table.entries()) {
-    fmt::print(out, "{:>4} {:<6} {:>6} {:<10} {:<34} {}{}{}\n", e.gsi(), e.source(), e.vector(), e.delivery_mode(),
-               e.destination(), e.masked() ? "masked " : "", e.level() ? "level " : "edge ",
-               e.remote_irr() ? "remote-irr" : "");
+  PrintRoutingTable(table, out);
+  return absl::OkStatus();
+}
+
+absl::Status VmPolicy(const CtlOptions& opt, const std::string& name, const std::string& policy,
+                      const std::vector<std::string>& pins, std::ostream& out) {
+  v1::SetRoutingPolicyRequest req;
+  req.set_vm(name);
+  std::string full = "ROUTING_POLICY_" + policy;
+  for (auto& ch : full) ch = ch == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  v1::RoutingPolicy p;
+  if (!v1::RoutingPolicy_Parse(full, &p) || p == v1::ROUTING_POLICY_UNSPECIFIED) {
+    return absl::InvalidArgumentError(
+        fmt::format("unknown routing policy '{}'; use sdm, round-robin, node-local-first or static", policy));
   }
+  req.set_policy(p);
+  for (const auto& pin : pins) {  // VECTOR=VCPU, vector in decimal or 0x hex
+    const auto eq = pin.find('=');
+    unsigned long vector = 0, vcpu = 0;
+    try {
+      if (eq == std::string::npos) throw std::invalid_argument("no '='");
+      size_t used = 0;
+      vector = std::stoul(pin.substr(0, eq), &used, 0);
+      if (used != eq) throw std::invalid_argument("vector");
+      vcpu = std::stoul(pin.substr(eq + 1), &used, 0);
+      if (used != pin.size() - eq - 1) throw std::invalid_argument("vcpu");
+    } catch (const std::exception&) {
+      return absl::InvalidArgumentError(fmt::format("--pin '{}': expected VECTOR=VCPU, e.g. --pin 0x44=5", pin));
+    }
+    auto* r = req.add_static_routes();
+    r->set_vector(static_cast<uint32_t>(vector));
+    r->set_vcpu(static_cast<uint32_t>(vcpu));
+  }
+  Client c(opt);
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  v1::RoutingTable table;
+  if (auto st = c.stub().SetRoutingPolicy(&ctx, req, &table); !st.ok()) return c.Fail(st, "set routing policy");
+  PrintRoutingTable(table, out);
+  return absl::OkStatus();
+}
+
+absl::Status Doorbell(const CtlOptions& opt, const DoorbellOptions& d, std::ostream& out) {
+  v1::RingDoorbellRequest req;
+  req.set_vm(d.vm);
+  req.set_node(d.node);
+  req.set_gsi(d.gsi);
+  req.set_level(d.level);
+  req.set_asserted(!d.deassert);
+  req.set_traced(d.traced);
+  Client c(opt);
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  v1::RingDoorbellResponse resp;
+  if (auto st = c.stub().RingDoorbell(&ctx, req, &resp); !st.ok()) return c.Fail(st, "ring doorbell");
+  fmt::print(out, "rang GSI {} on node {} (id {}): {}\n", d.gsi, d.node, resp.node_id(),
+             d.level ? (d.deassert ? "level deasserted" : "level asserted") : "edge");
   return absl::OkStatus();
 }
 

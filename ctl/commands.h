@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <iosfwd>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -26,10 +27,26 @@ absl::Status VmList(const CtlOptions& opt, std::ostream& out);
 absl::Status VmGet(const CtlOptions& opt, const std::string& name, std::ostream& out);
 absl::Status VmTopology(const CtlOptions& opt, const std::string& name, std::ostream& out);
 absl::Status VmRouting(const CtlOptions& opt, const std::string& name, std::ostream& out);
+/// Switches a VM's routing policy ("sdm", "round-robin", "node-local-first", "static"); `pins` are static-policy
+/// routes "VECTOR=VCPU". A running VM's router switches at once.
+absl::Status VmPolicy(const CtlOptions& opt, const std::string& name, const std::string& policy,
+                      const std::vector<std::string>& pins, std::ostream& out);
+
+struct DoorbellOptions {
+  std::string vm;
+  std::string node;      // the node that raises the GSI (as its own device would)
+  uint32_t gsi = 0;
+  bool level = false;    // level-triggered source (held) instead of one edge
+  bool deassert = false; // level: drop the line (default: assert)
+  bool traced = false;
+};
+/// Rings the master's doorbell device: node `node` raises `gsi`.
+absl::Status Doorbell(const CtlOptions& opt, const DoorbellOptions& d, std::ostream& out);
 
 struct FollowOptions {
   absl::Duration duration = absl::InfiniteDuration();  // stop following after this long
   uint64_t max_lines = 0;                               // stop after this many console lines (0 = no limit)
+  bool records = false;                                 // also print the guest's result records (IRQ, HELLO, ...)
 };
 /// Prints the VM's console lines (and state changes) as they arrive.
 absl::Status Console(const CtlOptions& opt, const std::string& vm, const FollowOptions& follow, std::ostream& out);

@@ -1,6 +1,7 @@
 // aggvmctl: the operator's CLI for an aggvm cluster (see docs/control-plane.md). Parses flags, runs one command.
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -39,6 +40,22 @@ int main(int argc, char** argv) {
   topology->add_option("NAME", name)->required();
   auto* routing = vm->add_subcommand("routing", "show the VM's interrupt routing table");
   routing->add_option("NAME", name)->required();
+  std::string policy;
+  std::vector<std::string> pins;
+  auto* policy_cmd = vm->add_subcommand("policy", "switch the VM's interrupt routing policy (at once while it runs)");
+  policy_cmd->add_option("NAME", name)->required();
+  policy_cmd->add_option("POLICY", policy, "sdm, round-robin, node-local-first or static")->required();
+  policy_cmd->add_option("--pin", pins, "static policy: VECTOR=VCPU (repeatable), e.g. --pin 0x44=5");
+  aggvm::ctl::DoorbellOptions bell;
+  bool deassert_flag = false, assert_flag = false;
+  auto* doorbell = app.add_subcommand("doorbell", "have a node raise a GSI, as a device there would (test device)");
+  doorbell->add_option("VM", bell.vm)->required();
+  doorbell->add_option("--node", bell.node, "the node that raises the interrupt")->required();
+  doorbell->add_option("--gsi", bell.gsi, "the GSI (IOAPIC pin 0..23 to reach the guest)")->required();
+  doorbell->add_flag("--level", bell.level, "level-triggered: hold the line (until --deassert)");
+  doorbell->add_flag("--assert", assert_flag, "level: raise the line (the default)");
+  doorbell->add_flag("--deassert", deassert_flag, "level: drop the line");
+  doorbell->add_flag("--traced", bell.traced, "fill the frames' trace block");
   auto* console = app.add_subcommand("console", "print the VM's guest console lines as they arrive");
   console->add_option("NAME", name)->required();
   console->add_flag("--follow,-f", follow_flag, "keep following (the default; kept for familiarity)");
@@ -46,6 +63,7 @@ int main(int argc, char** argv) {
   for (auto* sub : {console, events}) {
     sub->add_option("--for", follow_for_s, "stop after this many seconds");
     sub->add_option("--lines", follow.max_lines, "stop after this many console lines");
+    sub->add_flag("--records", follow.records, "also print the guest's records (irq vector + rdtsc, hello, ...)");
   }
   CLI11_PARSE(app, argc, argv);
   opt.timeout = absl::Seconds(timeout_s);
@@ -60,6 +78,17 @@ int main(int argc, char** argv) {
   else if (*get) st = aggvm::ctl::VmGet(opt, name, out);
   else if (*topology) st = aggvm::ctl::VmTopology(opt, name, out);
   else if (*routing) st = aggvm::ctl::VmRouting(opt, name, out);
+  else if (*policy_cmd) st = aggvm::ctl::VmPolicy(opt, name, policy, pins, out);
+  else if (*doorbell) {
+    if (assert_flag && deassert_flag) {
+      st = absl::InvalidArgumentError("--assert and --deassert exclude each other");
+    } else if (deassert_flag && !bell.level) {
+      st = absl::InvalidArgumentError("--deassert applies to --level doorbells only (an edge is one rising edge)");
+    } else {
+      bell.deassert = deassert_flag;
+      st = aggvm::ctl::Doorbell(opt, bell, out);
+    }
+  }
   else if (*console) st = aggvm::ctl::Console(opt, name, follow, out);
   else if (*events) st = aggvm::ctl::Events(opt, follow, out);
   else {

@@ -14,6 +14,17 @@ std::string StripPrefix(const std::string& name, std::string_view prefix) {
 std::string ShortName(v1::VmState state) { return StripPrefix(v1::VmState_Name(state), "VM_STATE_"); }
 std::string ShortName(v1::NodeHealth health) { return StripPrefix(v1::NodeHealth_Name(health), "NODE_HEALTH_"); }
 
+std::string DescribeRecord(const v1::GuestRecord& r) {
+  switch (r.type()) {  // guest/abi.h enum aggvm_record_type
+    case 1: return fmt::format("hello apic {} tsc {}", r.a(), r.b());
+    case 2: return fmt::format("irq vector {:#x} tsc {} seq {}", r.a(), r.b(), r.c());
+    case 3: return fmt::format("ping round {} tsc {} -> {}", r.a(), r.b(), r.c());
+    case 4: return fmt::format("error {} ({:#x}, {:#x})", r.a(), r.b(), r.c());
+    case 5: return fmt::format("exit round {} tsc {} -> {}", r.a(), r.b(), r.c());
+    default: return fmt::format("record type {} a={:#x} b={:#x} c={:#x}", r.type(), r.a(), r.b(), r.c());
+  }
+}
+
 std::string DescribeEvent(const v1::Event& e) {
   switch (e.kind_case()) {
     case v1::Event::kNodeChanged: {
@@ -33,8 +44,7 @@ std::string DescribeEvent(const v1::Event& e) {
     }
     case v1::Event::kRecord: {
       const auto& r = e.record();
-      return fmt::format("[{} vcpu {} @ {}] record type {} a={:#x} b={:#x} c={:#x}", r.vm(), r.vcpu(), r.node(), r.type(),
-                         r.a(), r.b(), r.c());
+      return fmt::format("[{} vcpu {} @ {}] {}", r.vm(), r.vcpu(), r.node(), DescribeRecord(r));
     }
     default:
       return "(empty event)";

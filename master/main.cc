@@ -1,5 +1,6 @@
-// aggvm-master: the cluster's control plane (membership, VM lifecycle, topology, events). Parses flags, starts the
-// MasterServer and runs until SIGINT/SIGTERM.
+// aggvm-master: the cluster's control plane (membership, VM lifecycle, topology, events) and, for each running VM,
+// the global interrupt controller on the data plane (NodeId 0). Parses flags, starts the MasterServer and runs until
+// SIGINT/SIGTERM.
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -21,6 +22,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1u, 1000u))->capture_default_str();
   app.add_option("--agent-timeout", agent_timeout_s, "seconds allowed for each call to an agent")
       ->check(CLI::Range(0.1, 3600.0))->capture_default_str();
+  app.add_option("--data-listen", opt.data_listen_address,
+                 "data-plane (interrupt frames) listen address host:port, announced to the agents as NodeId 0")
+      ->capture_default_str();
   app.add_option("--guest", opt.default_image, "guest ELF for specs that name no image (default: this build's probe guest)");
   CLI11_PARSE(app, argc, argv);
   opt.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
@@ -39,8 +43,8 @@ int main(int argc, char** argv) {
     spdlog::error("{}", std::string(server.status().message()));
     return 1;
   }
-  spdlog::info("aggvm-master listening on port {} (heartbeat {} ms, LOST after {} missed)", (*server)->port(),
-               heartbeat_ms, opt.lost_after_intervals);
+  spdlog::info("aggvm-master listening on port {} (heartbeat {} ms, LOST after {} missed); data plane {}",
+               (*server)->port(), heartbeat_ms, opt.lost_after_intervals, opt.data_listen_address);
   int sig = 0;
   sigwait(&stop, &sig);
   spdlog::info("signal {}: shutting down", sig);

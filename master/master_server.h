@@ -23,6 +23,10 @@ struct MasterOptions {
   absl::Duration agent_call_timeout = absl::Seconds(30);
   /// Guest image for specs that name none ("" = this build's probe guest).
   std::string default_image;
+  /// host:port of the master's data-plane transport (NodeId 0), announced to the agents in RegisterNodeResponse and
+  /// PrepareVmRequest. Each running VM's data plane listens there (the nodes never dial it over TCP: the master
+  /// dials them; a second VM running at the same time gets a free port of the same host).
+  std::string data_listen_address = "0.0.0.0:7071";
   /// Called with a one-line description of every event (node joined/lost, VM state, console), from one thread.
   std::function<void(const std::string&)> event_log;
 };

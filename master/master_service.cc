@@ -39,11 +39,22 @@ MasterService::MasterService(const MasterOptions& options)
 MasterService::~MasterService() { Shutdown(); }
 
 void MasterService::Shutdown() {
+  std::vector<std::shared_ptr<VmDataPlane>> to_close;
   {
     std::lock_guard lock(mu_);
     shutting_down_ = true;
+    for (auto& [name, vm] : vms_) {
+      if (vm.dataplane) to_close.push_back(std::move(vm.dataplane));
+    }
   }
+  for (auto& dp : to_close) dp->Stop();
   events_.Close();
+}
+
+v1::DataPlaneEndpoint MasterService::MasterEndpoint() const {
+  v1::DataPlaneEndpoint e;
+  e.set_tcp_address(options_.data_listen_address);
+  return e;
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -62,6 +73,7 @@ grpc::Status MasterService::RegisterNode(grpc::ServerContext*, const v1::Registe
   resp->set_heartbeat_interval_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(membership_.heartbeat_interval())));
   resp->set_lost_after_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(membership_.lost_after())));
   resp->set_incarnation(rec->incarnation);
+  *resp->mutable_master_data_plane() = MasterEndpoint();
   v1::Event e;
   *e.mutable_node_changed() = membership_.Status(*rec, now);
   events_.Publish(std::move(e));
@@ -88,8 +100,28 @@ grpc::Status MasterService::ListNodes(grpc::ServerContext*, const v1::ListNodesR
 
 void MasterService::Sweep(absl::Time now) {
   std::vector<std::pair<std::string, std::vector<AgentTarget>>> to_stop;
+  std::vector<std::shared_ptr<VmDataPlane>> to_close;
+  std::vector<DataPlaneLoss> losses;
+  {
+    std::lock_guard lock(loss_mu_);
+    losses.swap(losses_);
+  }
   {
     std::lock_guard lock(mu_);
+    // Data-plane losses first: they are seen within milliseconds, long before the heartbeats stop.
+    for (auto& loss : losses) {
+      auto it = vms_.find(loss.vm);
+      if (it == vms_.end() || !Active(it->second.state)) continue;
+      VmRecord& vm = it->second;
+      // Only the data plane of the VM's current run counts (a VM being stopped has none: its agents closing their
+      // connections is expected).
+      if (!loss.dataplane || vm.dataplane != loss.dataplane) continue;
+      const auto* ep = loss.dataplane->node(loss.node);
+      FailVmLocked(vm,
+                   fmt::format("node '{}' (id {}) lost: its data-plane connection broke ({})",
+                               ep ? ep->name : "?", loss.node.value(), loss.why),
+                   to_stop, to_close);
+    }
     for (const auto& node : membership_.Sweep(now)) {
       v1::Event e;
       *e.mutable_node_changed() = membership_.Status(node, now);
@@ -100,16 +132,25 @@ void MasterService::Sweep(absl::Time now) {
         bool placed = false;
         for (const auto& p : vm.spec.placement()) placed |= p.node() == node.name;
         if (!placed) continue;
-        if (vm.busy) ++vm.failure_epoch;
-        const bool held_by_agents = vm.state != v1::VM_STATE_CREATED;
-        SetStateLocked(vm, v1::VM_STATE_FAILED,
-                       fmt::format("node '{}' (id {}) lost: no heartbeat for {} ms", node.name, node.id,
-                                   absl::ToInt64Milliseconds(now - node.last_heartbeat)));
-        if (held_by_agents) to_stop.emplace_back(name, TargetsLocked(vm));
+        FailVmLocked(vm,
+                     fmt::format("node '{}' (id {}) lost: no heartbeat for {} ms", node.name, node.id,
+                                 absl::ToInt64Milliseconds(now - node.last_heartbeat)),
+                     to_stop, to_close);
       }
     }
   }
   for (const auto& [name, targets] : to_stop) StopOnAgents(targets, name);
+  for (auto& dp : to_close) dp->Stop();
+}
+
+void MasterService::FailVmLocked(VmRecord& vm, std::string error,
+                                 std::vector<std::pair<std::string, std::vector<AgentTarget>>>& to_stop,
+                                 std::vector<std::shared_ptr<VmDataPlane>>& to_close) {
+  if (vm.busy) ++vm.failure_epoch;  // the lifecycle call in flight stops the agents and the data plane
+  const bool held_by_agents = vm.state != v1::VM_STATE_CREATED;
+  SetStateLocked(vm, v1::VM_STATE_FAILED, std::move(error));
+  if (held_by_agents) to_stop.emplace_back(vm.spec.name(), TargetsLocked(vm));
+  if (!vm.busy && vm.dataplane) to_close.push_back(std::move(vm.dataplane));
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -194,6 +235,7 @@ grpc::Status MasterService::StopVm(grpc::ServerContext*, const v1::VmRef* req, v
 grpc::Status MasterService::Lifecycle(const std::string& name, Op op, v1::VmStatus* out) {
   std::vector<AgentTarget> targets;
   std::map<std::string, v1::PrepareVmRequest> prepares;
+  std::shared_ptr<VmDataPlane> dataplane;  // started (CREATED -> start) or being stopped (stop) by this call
   v1::VmState from;
   uint64_t epoch;
   {
@@ -249,7 +291,15 @@ grpc::Status MasterService::Lifecycle(const std::string& name, Op op, v1::VmStat
     targets = TargetsLocked(vm);
     if (op == Op::kStart && from == v1::VM_STATE_CREATED) {
       for (const auto& t : targets) prepares[t.node] = PrepareRequestLocked(vm, t.node);
+      // The master dials the nodes while they prepare (a node's PrepareVm may wait for that connection).
+      auto dp = BeginDataPlaneLocked(vm);
+      if (!dp.ok()) {
+        return Error(static_cast<grpc::StatusCode>(dp.status().code()),
+                     fmt::format("cannot start VM '{}': {}", name, std::string(dp.status().message())));
+      }
+      dataplane = *std::move(dp);
     }
+    if (op == Op::kStop) dataplane = std::move(vm.dataplane);
     vm.busy = true;
     epoch = vm.failure_epoch;
   }
@@ -263,6 +313,9 @@ grpc::Status MasterService::Lifecycle(const std::string& name, Op op, v1::VmStat
           v1::PrepareVmResponse r;
           return t.stub->PrepareVm(&ctx, prepares.at(t.node), &r);
         });
+        // Every node prepared: the connections are up (or never will be); the global controller runs before any
+        // vCPU does.
+        if (st.ok()) st = ToGrpc(dataplane->Activate());
       }
       if (st.ok()) {
         {
@@ -276,6 +329,15 @@ grpc::Status MasterService::Lifecycle(const std::string& name, Op op, v1::VmStat
           v1::AgentVmState r;
           return t.stub->StartVm(&ctx, ref, &r);
         });
+      }
+      if (st.ok() && dataplane) {  // a node lost between the connection and now is not reported by Sweep
+        for (const auto& n : dataplane->nodes()) {
+          if (dataplane->controller()->node_lost(n.id)) {
+            st = Error(grpc::StatusCode::UNAVAILABLE,
+                       fmt::format("node '{}' (id {}) lost its data-plane connection while the VM was starting",
+                                   n.name, n.id.value()));
+          }
+        }
       }
       break;
     case Op::kPause:
@@ -310,10 +372,17 @@ grpc::Status MasterService::Lifecycle(const std::string& name, Op op, v1::VmStat
   }
   // Leave no half-started VM behind (a failed agent call, or a node lost while the agents were being called).
   if (op != Op::kStop && (!st.ok() || lost_meanwhile)) StopOnAgents(targets, name);
+  // The master's side of the data plane goes after the agents' (they may still be sending).
+  const bool keep_dataplane = op == Op::kStart && st.ok() && !lost_meanwhile;
+  if (dataplane && !keep_dataplane) {
+    dataplane->Stop();
+    dataplane.reset();
+  }
 
   std::lock_guard lock(mu_);
   VmRecord& vm = vms_.at(name);
   vm.busy = false;
+  if (dataplane) vm.dataplane = std::move(dataplane);
   if (vm.failure_epoch != epoch && op != Op::kStop) {
     // A node of this VM was lost while the agents were being called: the VM is FAILED and stays so.
     *out = StatusLocked(vm);
@@ -338,7 +407,10 @@ grpc::Status MasterService::CallAgents(
     ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(options_.agent_call_timeout));
     grpc::Status s = call(t, ctx);
     if (!s.ok()) {
-      return grpc::Status(s.error_code(), fmt::format("node '{}' ({}): {}", t.node, rpc, s.error_message()));
+      // An unreachable agent is not an unreachable master: UNAVAILABLE would make clients blame the master.
+      const auto code = s.error_code() == grpc::StatusCode::UNAVAILABLE ? grpc::StatusCode::FAILED_PRECONDITION
+                                                                         : s.error_code();
+      return grpc::Status(code, fmt::format("node '{}' ({}): {}", t.node, rpc, s.error_message()));
     }
   }
   return grpc::Status::OK;
@@ -377,33 +449,176 @@ grpc::Status MasterService::GetTopology(grpc::ServerContext*, const v1::VmRef* r
   return grpc::Status::OK;
 }
 
-grpc::Status MasterService::GetRoutingTable(grpc::ServerContext*, const v1::VmRef* req, v1::RoutingTable*) {
-  std::lock_guard lock(mu_);
-  auto it = vms_.find(req->name());
-  if (it == vms_.end()) return NoSuchVm(req->name());
-  return Error(grpc::StatusCode::UNIMPLEMENTED,
-               fmt::format("routing table of VM '{}': the master's interrupt router is not wired to the control plane "
-                           "yet (data path of issue 5); its stored policy is {} (`aggvmctl vm get {}`)",
-                           req->name(), v1::RoutingPolicy_Name(it->second.spec.routing_policy()), req->name()));
+namespace {
+
+std::string DeliveryModeName(irqchip::DeliveryMode m) {
+  switch (m) {
+    case irqchip::DeliveryMode::kFixed: return "fixed";
+    case irqchip::DeliveryMode::kLowestPriority: return "lowest-priority";
+    case irqchip::DeliveryMode::kSmi: return "smi";
+    case irqchip::DeliveryMode::kNmi: return "nmi";
+    case irqchip::DeliveryMode::kInit: return "init";
+    case irqchip::DeliveryMode::kStartup: return "startup";
+    case irqchip::DeliveryMode::kExtInt: return "extint";
+  }
+  return fmt::format("mode {}", static_cast<int>(m));
+}
+
+void AddCounters(const GlobalControllerCounters& c, v1::RoutingTable* out) {
+  auto& m = *out->mutable_counters();
+  m["frames_received"] = c.frames_received;
+  m["gsi_changes"] = c.gsi_changes;
+  m["msis"] = c.msis;
+  m["ipis"] = c.ipis;
+  m["raised"] = c.raised;
+  m["routed"] = c.routed;
+  m["delivered"] = c.delivered;
+  m["level_delivered"] = c.level_delivered;
+  m["eois"] = c.eois;
+  m["io_requests"] = c.io_requests;
+  m["io_no_device"] = c.io_no_device;
+  m["rings"] = c.rings;
+  m["nodes_lost"] = c.nodes_lost;
+  m["dropped_unknown_node"] = c.dropped_unknown_node;
+  m["dropped_unknown_vcpu"] = c.dropped_unknown_vcpu;
+  m["dropped_wrong_node"] = c.dropped_wrong_node;
+  m["dropped_unknown_gsi"] = c.dropped_unknown_gsi;
+  m["dropped_bad_msi"] = c.dropped_bad_msi;
+  m["dropped_no_destination"] = c.dropped_no_destination;
+  m["dropped_illegal_vector"] = c.dropped_illegal_vector;
+  m["dropped_unexpected_type"] = c.dropped_unexpected_type;
+  m["dropped_send_failed"] = c.dropped_send_failed;
+}
+
+// The live table of a running VM's controller.
+absl::Status FillRoutingTable(GlobalController& gc, v1::RoutingTable* out) {
+  auto t = gc.GetRoutingTable();
+  if (!t.ok()) return t.status();
+  out->set_policy(FromRoutingPolicy(t->policy));
+  for (const auto& p : t->pins) {
+    if (p.entry == 0 || (p.masked && p.vector.value() == 0)) continue;  // never programmed: reset state
+    auto* e = out->add_entries();
+    e->set_gsi(p.gsi.value());
+    e->set_source("ioapic");
+    e->set_vector(p.vector.value());
+    e->set_delivery_mode(DeliveryModeName(p.mode));
+    e->set_destination(fmt::format("{} {:#x}", p.dest_mode == irqchip::DestMode::kLogical ? "logical" : "physical",
+                                   p.destination));
+    e->set_masked(p.masked);
+    e->set_level(p.trigger == irqchip::TriggerMode::kLevel);
+    e->set_remote_irr(p.remote_irr);
+    e->set_input(p.input);
+  }
+  for (const auto& [vector, vcpu] : t->vector_pins) {
+    auto* r = out->add_static_routes();
+    r->set_vector(vector.value());
+    r->set_vcpu(vcpu.value());
+  }
+  AddCounters(gc.counters(), out);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+grpc::Status MasterService::GetRoutingTable(grpc::ServerContext*, const v1::VmRef* req, v1::RoutingTable* out) {
+  std::shared_ptr<VmDataPlane> dp;
+  {
+    std::lock_guard lock(mu_);
+    auto it = vms_.find(req->name());
+    if (it == vms_.end()) return NoSuchVm(req->name());
+    out->set_vm(req->name());
+    out->set_policy(it->second.spec.routing_policy());
+    dp = it->second.dataplane;
+    if (!dp || !dp->controller()) {
+      // Not running: the stored policy and routes only (the IOAPIC exists while the VM runs).
+      *out->mutable_static_routes() = it->second.spec.static_routes();
+      return grpc::Status::OK;
+    }
+  }
+  return ToGrpc(FillRoutingTable(*dp->controller(), out));
 }
 
 grpc::Status MasterService::SetRoutingPolicy(grpc::ServerContext*, const v1::SetRoutingPolicyRequest* req,
                                              v1::RoutingTable* out) {
-  std::lock_guard lock(mu_);
-  auto it = vms_.find(req->vm());
-  if (it == vms_.end()) return NoSuchVm(req->vm());
-  VmRecord& vm = it->second;
+  std::shared_ptr<VmDataPlane> dp;
   const v1::RoutingPolicy policy =
       req->policy() == v1::ROUTING_POLICY_UNSPECIFIED ? v1::ROUTING_POLICY_SDM : req->policy();
-  if (auto st = ValidateRouting(policy, req->static_routes(), vm.spec.vcpus()); !st.ok()) {
-    return Error(grpc::StatusCode::INVALID_ARGUMENT,
-                 fmt::format("routing policy for VM '{}' is invalid: {}", req->vm(), std::string(st.message())));
+  {
+    std::lock_guard lock(mu_);
+    auto it = vms_.find(req->vm());
+    if (it == vms_.end()) return NoSuchVm(req->vm());
+    VmRecord& vm = it->second;
+    if (auto st = ValidateRouting(policy, req->static_routes(), vm.spec.vcpus()); !st.ok()) {
+      return Error(grpc::StatusCode::INVALID_ARGUMENT,
+                   fmt::format("routing policy for VM '{}' is invalid: {}", req->vm(), std::string(st.message())));
+    }
+    vm.spec.set_routing_policy(policy);
+    *vm.spec.mutable_static_routes() = req->static_routes();
+    PublishVmLocked(vm);
+    out->set_vm(req->vm());
+    out->set_policy(policy);
+    *out->mutable_static_routes() = req->static_routes();
+    dp = vm.dataplane;
   }
-  vm.spec.set_routing_policy(policy);
-  *vm.spec.mutable_static_routes() = req->static_routes();
-  PublishVmLocked(vm);
-  out->set_vm(req->vm());
-  out->set_policy(policy);
+  if (!dp || !dp->controller()) return grpc::Status::OK;  // applied when the VM starts
+  // Running: switch the Router now (pins first, so a static policy never runs without its pins).
+  GlobalController& gc = *dp->controller();
+  absl::Status st = ApplyStaticRoutes(gc, req->static_routes());
+  if (st.ok()) st = gc.SetRoutingPolicy(ToRoutingPolicy(policy));
+  if (!st.ok()) {
+    return Error(static_cast<grpc::StatusCode>(st.code()),
+                 fmt::format("VM '{}': the policy is stored but the running router did not take it: {}", req->vm(),
+                             std::string(st.message())));
+  }
+  out->clear_static_routes();
+  return ToGrpc(FillRoutingTable(gc, out));
+}
+
+grpc::Status MasterService::RingDoorbell(grpc::ServerContext*, const v1::RingDoorbellRequest* req,
+                                         v1::RingDoorbellResponse* resp) {
+  std::shared_ptr<VmDataPlane> dp;
+  {
+    std::lock_guard lock(mu_);
+    auto it = vms_.find(req->vm());
+    if (it == vms_.end()) return NoSuchVm(req->vm());
+    const VmRecord& vm = it->second;
+    if (vm.state != v1::VM_STATE_RUNNING && vm.state != v1::VM_STATE_PAUSED) {
+      return Error(grpc::StatusCode::FAILED_PRECONDITION,
+                   fmt::format("cannot ring a doorbell of VM '{}': it is {}{}; start it first", req->vm(),
+                               StateName(vm.state), vm.error.empty() ? "" : " (" + vm.error + ")"));
+    }
+    dp = vm.dataplane;
+  }
+  if (!dp || !dp->controller()) {
+    return Error(grpc::StatusCode::FAILED_PRECONDITION,
+                 fmt::format("VM '{}' has no running data plane on the master", req->vm()));
+  }
+  const VmNodeEndpoint* node = dp->node(req->node());
+  if (node == nullptr) {
+    std::vector<std::string> names;
+    for (const auto& n : dp->nodes()) names.push_back(n.name);
+    return Error(grpc::StatusCode::NOT_FOUND, fmt::format("VM '{}' has no vCPU on node '{}'; its nodes: [{}]",
+                                                          req->vm(), req->node(), absl::StrJoin(names, ", ")));
+  }
+  if (req->gsi() >= transport::kMaxGsi) {
+    return Error(grpc::StatusCode::INVALID_ARGUMENT,
+                 fmt::format("gsi: {} is out of range (0..{}; IOAPIC pins are 0..{})", req->gsi(),
+                             transport::kMaxGsi - 1, kIoApicPins - 1));
+  }
+  if (!req->level() && !req->asserted()) {
+    return Error(grpc::StatusCode::INVALID_ARGUMENT,
+                 "asserted: an edge doorbell is one rising edge; deassert only applies to --level");
+  }
+  resp->set_node_id(node->id.value());
+  const absl::Status st =
+      dp->controller()->Ring(node->id, Gsi(req->gsi()),
+                             req->level() ? irqchip::TriggerMode::kLevel : irqchip::TriggerMode::kEdge,
+                             req->asserted(), req->traced());
+  if (!st.ok()) {
+    return Error(static_cast<grpc::StatusCode>(st.code()),
+                 fmt::format("doorbell of VM '{}' on node '{}' (GSI {}): {}", req->vm(), req->node(), req->gsi(),
+                             std::string(st.message())));
+  }
   return grpc::Status::OK;
 }
 
@@ -516,7 +731,13 @@ v1::PrepareVmRequest MasterService::PrepareRequestLocked(const VmRecord& vm, con
   *req.mutable_spec() = vm.spec;
   *req.mutable_topology() = vm.topology;
   req.set_node(node);
+  *req.mutable_master_data_plane() = MasterEndpoint();
   const absl::Time now = absl::Now();
+  auto* master = req.add_peers();  // the master (NodeId 0): its data-plane endpoint, as the proto promises
+  master->set_node("master");
+  master->set_node_id(0);
+  *master->mutable_data_plane() = MasterEndpoint();
+  master->set_health(v1::NODE_HEALTH_UP);
   for (const auto& p : vm.spec.placement()) {
     if (auto n = membership_.Find(p.node())) *req.add_peers() = membership_.Status(*n, now);
   }
@@ -542,6 +763,41 @@ void MasterService::SetStateLocked(VmRecord& vm, v1::VmState state, std::string 
   vm.state = state;
   vm.error = std::move(error);
   PublishVmLocked(vm);
+}
+
+absl::StatusOr<std::shared_ptr<VmDataPlane>> MasterService::BeginDataPlaneLocked(const VmRecord& vm) {
+  std::vector<VmNodeEndpoint> nodes;
+  for (const auto& p : vm.spec.placement()) {
+    auto n = membership_.Find(p.node());
+    if (!n) return absl::FailedPreconditionError(fmt::format("node '{}' is not registered", p.node()));
+    nodes.push_back(VmNodeEndpoint{n->id, n->name, n->data_plane.tcp_address()});
+  }
+  VmDataPlaneOptions o;
+  o.listen_address = options_.data_listen_address;
+  o.connect_timeout = options_.agent_call_timeout;
+  const std::string name = vm.spec.name();
+  std::map<uint32_t, std::string> node_of;  // vCPU -> node name, for console lines
+  for (const auto& vp : vm.topology.vcpus()) node_of[vp.vcpu()] = vp.node();
+  o.console = [this, name, node_of = std::move(node_of)](VcpuIndex vcpu, std::string_view text) {
+    v1::Event e;
+    auto* c = e.mutable_console();
+    c->set_vm(name);
+    c->set_vcpu(vcpu.value());
+    if (auto it = node_of.find(vcpu.value()); it != node_of.end()) c->set_node(it->second);
+    c->set_text(std::string(text.substr(0, kMaxConsoleText)));
+    events_.Publish(std::move(e));
+  };
+  // Set once the data plane exists: the callback names the run it belongs to.
+  auto self = std::make_shared<std::weak_ptr<VmDataPlane>>();
+  o.on_node_lost = [this, name, self](NodeId node, const absl::Status& why) {
+    std::lock_guard lock(loss_mu_);
+    losses_.push_back(DataPlaneLoss{name, self->lock(), node, std::string(why.message())});
+  };
+  auto dp = VmDataPlane::Begin(vm.spec, vm.topology, std::move(nodes), std::move(o));
+  if (!dp.ok()) return dp.status();
+  std::shared_ptr<VmDataPlane> shared = *std::move(dp);
+  *self = shared;
+  return shared;
 }
 
 std::string MasterService::VmOnNodeLocked(const std::string& node) const {

@@ -17,6 +17,7 @@
 #include "master/event_hub.h"
 #include "master/master_server.h"
 #include "master/membership.h"
+#include "master/vm_dataplane.h"
 #include "master/vm_spec.h"
 #include "proto/aggvm.grpc.pb.h"
 
@@ -50,6 +51,7 @@ class MasterService final : public v1::Master::Service {
   grpc::Status WatchEvents(grpc::ServerContext*, const v1::WatchEventsRequest*, grpc::ServerWriter<v1::Event>*) override;
   grpc::Status ReportGuestOutput(grpc::ServerContext*, grpc::ServerReader<v1::Event>*,
                                  v1::ReportGuestOutputResponse*) override;
+  grpc::Status RingDoorbell(grpc::ServerContext*, const v1::RingDoorbellRequest*, v1::RingDoorbellResponse*) override;
 
  private:
   struct VmRecord {
@@ -59,6 +61,17 @@ class MasterService final : public v1::Master::Service {
     std::string error;
     bool busy = false;            // an agent call is in flight for this VM
     uint64_t failure_epoch = 0;   // bumped when a node loss fails the VM while busy
+    // The master's data plane of the VM (transport + GlobalController + thread), from StartVm until it stops or
+    // fails. Whoever stops it moves it out of the record under mu_ and stops it without the lock; while the VM is
+    // busy the lifecycle call owns it.
+    std::shared_ptr<VmDataPlane> dataplane;
+  };
+  // A node's data-plane connection broke (reported on the data-plane thread; handled by Sweep).
+  struct DataPlaneLoss {
+    std::string vm;
+    std::shared_ptr<VmDataPlane> dataplane;  // identifies the run of the VM that lost the node
+    NodeId node;
+    std::string why;
   };
   // An agent the master talks to for one VM operation.
   struct AgentTarget {
@@ -79,6 +92,12 @@ class MasterService final : public v1::Master::Service {
   // The active VM (not STOPPED/FAILED) with a vCPU on `node`, "" if none.
   std::string VmOnNodeLocked(const std::string& node) const;
   v1::PrepareVmRequest PrepareRequestLocked(const VmRecord& vm, const std::string& node) const;
+  // Opens the VM's data plane and starts connecting to its nodes (mu_ held: reads membership).
+  absl::StatusOr<std::shared_ptr<VmDataPlane>> BeginDataPlaneLocked(const VmRecord& vm);
+  v1::DataPlaneEndpoint MasterEndpoint() const;
+  // Fails the VM (unless already STOPPED/FAILED), stops it on its agents and stops its data plane.
+  void FailVmLocked(VmRecord& vm, std::string error, std::vector<std::pair<std::string, std::vector<AgentTarget>>>& to_stop,
+                    std::vector<std::shared_ptr<VmDataPlane>>& to_close);
 
   const MasterOptions options_;
   EventHub events_;
@@ -87,6 +106,8 @@ class MasterService final : public v1::Master::Service {
   std::map<std::string, std::shared_ptr<v1::NodeAgent::Stub>> agents_;  // by node name, guarded by mu_
   std::map<std::string, VmRecord> vms_;                              // guarded by mu_
   bool shutting_down_ = false;                                       // guarded by mu_
+  std::mutex loss_mu_;
+  std::vector<DataPlaneLoss> losses_;                                // guarded by loss_mu_
   uint64_t guest_output_dropped_ = 0;                                // guarded by mu_
 };
 

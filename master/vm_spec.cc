@@ -124,6 +124,11 @@ void FillDefaults(v1::VmSpec& spec, const SpecContext& ctx) {
   if (spec.routing_policy() == v1::ROUTING_POLICY_UNSPECIFIED) spec.set_routing_policy(v1::ROUTING_POLICY_SDM);
   if (spec.route_mode() == v1::ROUTE_MODE_UNSPECIFIED) spec.set_route_mode(v1::ROUTE_MODE_VIA_MASTER);
   if (spec.image().path().empty()) spec.mutable_image()->set_path(ctx.default_image);
+  for (auto& r : *spec.mutable_interrupt_routes()) {
+    if (r.delivery() == v1::INTERRUPT_DELIVERY_UNSPECIFIED) r.set_delivery(v1::INTERRUPT_DELIVERY_FIXED);
+    if (r.dest_mode() == v1::DESTINATION_MODE_UNSPECIFIED) r.set_dest_mode(v1::DESTINATION_MODE_PHYSICAL);
+    if (r.trigger() == v1::INTERRUPT_TRIGGER_UNSPECIFIED) r.set_trigger(v1::INTERRUPT_TRIGGER_EDGE);
+  }
   auto* w = spec.mutable_workload();
   if (w->name().empty()) w->set_name("hello");
   if (w->name() == "ipi-pingpong") {
@@ -183,6 +188,60 @@ absl::StatusOr<uint64_t> ImageEnd(const std::string& path) {
   }
   return end;
 }
+
+namespace {
+
+// interrupt_routes: IOAPIC entries the master programs at start (82093AA 3.2.4).
+void ValidateInterruptRoutes(const v1::VmSpec& spec, uint32_t vcpus, std::vector<std::string>& errs) {
+  std::map<uint32_t, int> by_gsi;
+  for (int i = 0; i < spec.interrupt_routes_size(); ++i) {
+    const auto& r = spec.interrupt_routes(i);
+    const std::string f = fmt::format("interrupt_routes[{}]", i);
+    if (r.gsi() >= kIoApicPins) {
+      errs.push_back(fmt::format("{}.gsi: {} is not an IOAPIC pin (0..{})", f, r.gsi(), kIoApicPins - 1));
+    } else if (auto [it, fresh] = by_gsi.emplace(r.gsi(), i); !fresh) {
+      errs.push_back(fmt::format("{}.gsi: GSI {} is already routed by interrupt_routes[{}]; one entry per pin", f,
+                                 r.gsi(), it->second));
+    }
+    if (r.vector() < kMinVector || r.vector() > kMaxVector) {
+      errs.push_back(fmt::format("{}.vector: {} is outside {}..{}", f, r.vector(), kMinVector, kMaxVector));
+    }
+    if (!v1::InterruptDelivery_IsValid(r.delivery()) || r.delivery() == v1::INTERRUPT_DELIVERY_UNSPECIFIED) {
+      errs.push_back(fmt::format("{}.delivery: unknown value {}; use INTERRUPT_DELIVERY_FIXED or "
+                                 "INTERRUPT_DELIVERY_LOWEST_PRIORITY", f, static_cast<int>(r.delivery())));
+    }
+    if (!v1::InterruptTrigger_IsValid(r.trigger()) || r.trigger() == v1::INTERRUPT_TRIGGER_UNSPECIFIED) {
+      errs.push_back(fmt::format("{}.trigger: unknown value {}; use INTERRUPT_TRIGGER_EDGE or INTERRUPT_TRIGGER_LEVEL",
+                                 f, static_cast<int>(r.trigger())));
+    }
+    if (r.destination() > 0xFF) {
+      errs.push_back(fmt::format("{}.destination: {:#x} does not fit the 8-bit RTE destination field", f,
+                                 r.destination()));
+    }
+    switch (r.dest_mode()) {
+      case v1::DESTINATION_MODE_PHYSICAL:
+        if (vcpus > 0 && r.destination() >= vcpus && r.destination() != 0xFF) {
+          errs.push_back(fmt::format("{}.destination: APIC ID {} names no vCPU (vCPU i has APIC ID i; the VM has {}); "
+                                     "use 0..{} or 0xFF (broadcast)", f, r.destination(), vcpus, vcpus - 1));
+        }
+        break;
+      case v1::DESTINATION_MODE_LOGICAL:
+        if (r.destination() == 0) {
+          errs.push_back(fmt::format("{}.destination: logical mask 0 names no vCPU", f));
+        }
+        if (spec.workload().xapic()) {
+          errs.push_back(fmt::format("{}.dest_mode: logical destinations need x2APIC (the probe guest leaves the "
+                                     "xAPIC LDR at 0); use DESTINATION_MODE_PHYSICAL or workload.xapic: false", f));
+        }
+        break;
+      default:
+        errs.push_back(fmt::format("{}.dest_mode: unknown value {}; use DESTINATION_MODE_PHYSICAL or "
+                                   "DESTINATION_MODE_LOGICAL", f, static_cast<int>(r.dest_mode())));
+    }
+  }
+}
+
+}  // namespace
 
 absl::Status ValidateVmSpec(const v1::VmSpec& spec, const SpecContext& ctx) {
   std::vector<std::string> errs;
@@ -268,6 +327,8 @@ absl::Status ValidateVmSpec(const v1::VmSpec& spec, const SpecContext& ctx) {
   if (auto st = ValidateRouting(spec.routing_policy(), spec.static_routes(), n_ok ? n : 0); !st.ok()) {
     err(std::string(st.message()));
   }
+
+  ValidateInterruptRoutes(spec, n_ok ? n : 0, errs);
 
   // Memory and image.
   const uint64_t mib = spec.memory_mib();

@@ -26,6 +26,7 @@ inline constexpr uint64_t kDefaultMemoryMib = 64;
 inline constexpr uint32_t kDefaultIpiVector = 0x40;
 inline constexpr uint32_t kMinVector = 32;   // 0..31: exceptions (SDM vol. 3, 6.3.1)
 inline constexpr uint32_t kMaxVector = 254;  // 255: the probe guest's spurious vector
+inline constexpr uint32_t kIoApicPins = 24;  // the master's IOAPIC (GSI 0..23): interrupt_routes[].gsi
 
 enum class SpecFormat { kAuto, kText, kJson };
 

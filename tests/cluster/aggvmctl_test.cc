@@ -102,9 +102,22 @@ TEST(Aggvmctl, StatusCreateStartTopologyStop) {
     EXPECT_THAT(follow, HasSubstr(fmt::format("[vcpu {} @ {}] hello from vCPU {} on {}", v, node, v, node)));
   }
 
-  auto routing = Ctl(m + "vm routing probe-3x2");
-  EXPECT_EQ(routing.exit_code, 1);
-  EXPECT_THAT(routing.output, HasSubstr("not wired"));
+  auto routing = Ctl(m + "vm routing probe-3x2");  // served by the master's running global controller
+  EXPECT_EQ(routing.exit_code, 0) << routing.output;
+  EXPECT_THAT(routing.output, HasSubstr("vm probe-3x2 policy round-robin"));
+  EXPECT_THAT(routing.output, HasSubstr("counters:"));
+  auto policy = Ctl(m + "vm policy probe-3x2 static --pin 0x44=5");
+  EXPECT_EQ(policy.exit_code, 0) << policy.output;
+  EXPECT_THAT(policy.output, HasSubstr("static pin: vector 0x44 -> vCPU 5"));
+  auto bad_pin = Ctl(m + "vm policy probe-3x2 static --pin 0x44=9");
+  EXPECT_EQ(bad_pin.exit_code, 1);
+  EXPECT_THAT(bad_pin.output, HasSubstr("static_routes[0].vcpu: vCPU 9 does not exist"));
+  auto ring = Ctl(m + "doorbell probe-3x2 --node node-a --gsi 4");
+  EXPECT_EQ(ring.exit_code, 0) << ring.output;
+  EXPECT_THAT(ring.output, HasSubstr("rang GSI 4 on node node-a"));
+  auto ring_bad = Ctl(m + "doorbell probe-3x2 --node node-x --gsi 4");
+  EXPECT_EQ(ring_bad.exit_code, 1);
+  EXPECT_THAT(ring_bad.output, HasSubstr("has no vCPU on node 'node-x'"));
 
   auto stop = Ctl(m + "vm stop probe-3x2");
   ASSERT_EQ(stop.exit_code, 0) << stop.output;

@@ -237,7 +237,9 @@ TEST(ControlPlane, StartPauseStopReachEveryPlacedAgent) {
     EXPECT_EQ(plan.node_id, c.agent(n).node_id());
     ASSERT_EQ(plan.local_vcpus.size(), 2u);
     EXPECT_EQ(plan.topology.vcpus_size(), 6);
-    EXPECT_EQ(plan.peers.size(), 3u);
+    ASSERT_EQ(plan.peers.size(), 4u) << "the master and the three nodes";
+    EXPECT_EQ(plan.peers[0].node_id(), 0u);
+    EXPECT_FALSE(plan.peers[0].data_plane().tcp_address().empty());
     EXPECT_EQ(plan.spec.memory_mib(), 64u);
   }
   EXPECT_TRUE(c.host("idle").calls().empty()) << "no vCPU placed there";
@@ -366,7 +368,7 @@ TEST(ControlPlane, LosingANodeFailsItsRunningVm) {
   EXPECT_THAT(start.error_message(), HasSubstr("it is FAILED"));
 }
 
-TEST(ControlPlane, RoutingPolicyIsStoredAndTableIsNotYetServed) {
+TEST(ControlPlane, RoutingPolicyIsStoredThenAppliedToTheRunningRouter) {
   TestCluster c;
   for (const char* n : {"a", "b", "c"}) ASSERT_TRUE(c.StartAgent(n).ok());
   ASSERT_TRUE(Create(c, Spec3x2("vm")).ok());
@@ -397,11 +399,37 @@ TEST(ControlPlane, RoutingPolicyIsStoredAndTableIsNotYetServed) {
   ASSERT_TRUE(c.stub().GetVm(&ctx, ref, &vm).ok());
   EXPECT_EQ(vm.spec().routing_policy(), v1::ROUTING_POLICY_STATIC);
   ASSERT_EQ(vm.spec().static_routes_size(), 1);
-  grpc::ClientContext ctx2;
+  {
+    // Not running: the stored policy and routes, no IOAPIC entries.
+    grpc::ClientContext ctx2;
+    v1::RoutingTable t;
+    ASSERT_TRUE(c.stub().GetRoutingTable(&ctx2, ref, &t).ok());
+    EXPECT_EQ(t.policy(), v1::ROUTING_POLICY_STATIC);
+    ASSERT_EQ(t.static_routes_size(), 1);
+    EXPECT_EQ(t.entries_size(), 0);
+  }
+  // Running: the master's global controller serves the live table, with the pin from the stored policy.
+  grpc::ClientContext sctx;
+  ASSERT_TRUE(c.stub().StartVm(&sctx, ref, &vm).ok());
+  {
+    grpc::ClientContext ctx3;
+    v1::RoutingTable t;
+    ASSERT_TRUE(c.stub().GetRoutingTable(&ctx3, ref, &t).ok());
+    EXPECT_EQ(t.policy(), v1::ROUTING_POLICY_STATIC);
+    ASSERT_EQ(t.static_routes_size(), 1);
+    EXPECT_EQ(t.static_routes(0).vector(), 0x50u);
+    EXPECT_EQ(t.static_routes(0).vcpu(), 3u);
+    EXPECT_TRUE(t.counters().contains("delivered"));
+  }
+  // Switched at run time: the live router takes the new policy and drops the pins.
+  v1::SetRoutingPolicyRequest rr;
+  rr.set_vm("vm");
+  rr.set_policy(v1::ROUTING_POLICY_ROUND_ROBIN);
+  grpc::ClientContext ctx4;
   v1::RoutingTable t;
-  auto st = c.stub().GetRoutingTable(&ctx2, ref, &t);
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(st.error_message(), HasSubstr("ROUTING_POLICY_STATIC"));
+  ASSERT_TRUE(c.stub().SetRoutingPolicy(&ctx4, rr, &t).ok());
+  EXPECT_EQ(t.policy(), v1::ROUTING_POLICY_ROUND_ROBIN);
+  EXPECT_EQ(t.static_routes_size(), 0);
 }
 
 TEST(ControlPlane, GuestOutputForForeignVcpusIsDropped) {
