@@ -45,7 +45,12 @@ absl::StatusOr<std::unique_ptr<AgentControlPlane>> AgentControlPlane::Start(cons
     return absl::UnavailableError(fmt::format("node '{}': cannot listen on '{}' for the NodeAgent service",
                                               options.node, options.listen_address));
   }
-  client->set_control_address(fmt::format("{}:{}", options.advertise_host, impl->port));
+  // Advertise the listen host itself when it names one; a wildcard (or empty) host is replaced by advertise_host.
+  std::string host_part = options.listen_address.substr(0, options.listen_address.rfind(':'));
+  if (host_part.empty() || host_part == "0.0.0.0" || host_part == "[::]" || host_part == "::") {
+    host_part = options.advertise_host;
+  }
+  client->set_control_address(fmt::format("{}:{}", host_part, impl->port));
   std::unique_ptr<AgentControlPlane> agent(new AgentControlPlane(std::move(impl), std::move(client)));
   if (auto st = agent->client_->Start(options.register_deadline); !st.ok()) return st;
   return agent;
