@@ -3,6 +3,7 @@
 #include <linux/kvm.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <span>
@@ -25,7 +26,51 @@ constexpr uint32_t kIoapicPins = 24;
 constexpr uint64_t kUnmappedHole = 0xC0000000;  // the unmapped workload reads here: no memslot may cover it
 constexpr size_t kMaxLineChars = 240;
 constexpr size_t kMaxConsoleLines = 10000;
-constexpr size_t kMaxRecordsPerVcpu = 1u << 22;
+
+/// At most `capacity` items, allocated once; one writer (the vCPU's thread), any number of readers, no lock. The writer
+/// fills slot n and then publishes size n + 1 (release); a reader loads the size (acquire) and copies the slots below
+/// it, which the writer never touches again. Items beyond the capacity are counted, not stored.
+template <typename T>
+class BoundedLog {
+ public:
+  // for_overwrite: no zeroing, so a large capacity costs address space, not memory, until the guest fills it.
+  explicit BoundedLog(size_t capacity) : slots_(std::make_unique_for_overwrite<T[]>(capacity)), capacity_(capacity) {}
+
+  /// Writer thread only. No allocation.
+  void Append(const T& item) {
+    const size_t n = size_.load(std::memory_order_relaxed);
+    if (n == capacity_) {
+      dropped_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    slots_[n] = item;
+    size_.store(n + 1, std::memory_order_release);
+  }
+  [[nodiscard]] std::vector<T> Snapshot() const {
+    const size_t n = size_.load(std::memory_order_acquire);
+    return std::vector<T>(slots_.get(), slots_.get() + n);
+  }
+  [[nodiscard]] uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+ private:
+  std::unique_ptr<T[]> slots_;
+  size_t capacity_;
+  std::atomic<size_t> size_{0};
+  std::atomic<uint64_t> dropped_{0};
+};
+
+}  // namespace
+
+struct ProbeVm::VcpuLog {
+  VcpuLog(size_t record_capacity, size_t eoi_capacity) : records(record_capacity), eois(eoi_capacity) {}
+  BoundedLog<Record> records;
+  BoundedLog<Vector> eois;
+  std::atomic<uint64_t> nop_exits{0};
+  // Valid records received per type, stored or dropped (WaitForRecords counts these). Index = aggvm_record_type.
+  std::array<std::atomic<uint64_t>, guest::AGGVM_REC_EXIT_ROUND + 1> received{};
+};
+
+namespace {
 
 std::string GuestErrorText(const Record& r) {
   switch (r.a) {
@@ -60,14 +105,19 @@ absl::StatusOr<guest::aggvm_workload> ParseWorkload(std::string_view name) {
 
 ProbeVm::ProbeVm(ProbeVmConfig config, vcpu::Kvm kvm, vcpu::Vm vm, vcpu::GuestMemory mem)
     : config_(std::move(config)), kvm_(std::move(kvm)), vm_(std::move(vm)), mem_(std::move(mem)) {
-  reports_.resize(config_.num_vcpus);
+  console_lines_.resize(config_.num_vcpus);
+  done_status_.resize(config_.num_vcpus);
   partial_lines_.resize(config_.num_vcpus);
   slot_of_.assign(config_.num_vcpus, -1);
+  logs_.resize(config_.num_vcpus);
   if (config_.local_vcpus.empty()) {
     for (uint32_t i = 0; i < config_.num_vcpus; ++i) config_.local_vcpus.push_back(VcpuIndex(i));
   }
   local_ = config_.local_vcpus;
-  for (size_t s = 0; s < local_.size(); ++s) slot_of_[local_[s].value()] = static_cast<int>(s);
+  for (size_t s = 0; s < local_.size(); ++s) {
+    slot_of_[local_[s].value()] = static_cast<int>(s);
+    logs_[local_[s].value()] = std::make_unique<VcpuLog>(config_.max_records_per_vcpu, config_.max_eois_per_vcpu);
+  }
 }
 
 ProbeVm::~ProbeVm() {
@@ -99,6 +149,11 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
           "local_vcpus[{}] = {}: the local vCPUs must be ascending, distinct and below num_vcpus = {}", i, v,
           config.num_vcpus));
     }
+  }
+  if (config.max_records_per_vcpu > kMaxReportCapacity || config.max_eois_per_vcpu > kMaxReportCapacity) {
+    return absl::InvalidArgumentError(fmt::format(
+        "max_records_per_vcpu = {}, max_eois_per_vcpu = {}: each must be at most {} (the store is allocated up front)",
+        config.max_records_per_vcpu, config.max_eois_per_vcpu, kMaxReportCapacity));
   }
   if ((!config.forwarded_ports.empty() || !config.forwarded_mmio.empty()) && !config.forward_io) {
     return absl::InvalidArgumentError("forwarded port / MMIO windows are set but forward_io is empty");
@@ -281,8 +336,32 @@ absl::Status ProbeVm::error() const {
 }
 
 VcpuReport ProbeVm::report(VcpuIndex index) const {
-  std::lock_guard l(mu_);
-  return reports_.at(index.value());
+  VcpuReport r;
+  {
+    std::lock_guard l(mu_);
+    r.console_lines = console_lines_.at(index.value());
+    r.done_status = done_status_.at(index.value());
+  }
+  if (const VcpuLog* log = logs_.at(index.value()).get()) {
+    r.records = log->records.Snapshot();
+    r.ioapic_eois = log->eois.Snapshot();
+    r.nop_exits = log->nop_exits.load(std::memory_order_relaxed);
+    r.dropped_records = log->records.dropped();
+    r.dropped_eois = log->eois.dropped();
+  }
+  return r;
+}
+
+uint64_t ProbeVm::dropped_records() const {
+  uint64_t n = 0;
+  for (const auto& log : logs_) n += log ? log->records.dropped() : 0;
+  return n;
+}
+
+uint64_t ProbeVm::dropped_eois() const {
+  uint64_t n = 0;
+  for (const auto& log : logs_) n += log ? log->eois.dropped() : 0;
+  return n;
 }
 
 uint64_t ProbeVm::Heartbeat(VcpuIndex index) {
@@ -308,13 +387,17 @@ absl::Status ProbeVm::WaitForRecords(VcpuIndex index, guest::aggvm_record_type t
   if (!is_local(index)) {
     return absl::InvalidArgumentError(fmt::format("vCPU {} does not run on this node", index));
   }
+  if (type < guest::AGGVM_REC_HELLO || type > guest::AGGVM_REC_EXIT_ROUND) {
+    return absl::InvalidArgumentError(fmt::format("record type {} is not a probe record type", static_cast<int>(type)));
+  }
+  const std::atomic<uint64_t>& received = logs_.at(index.value())->received[type];
+  // seq_cst with HandleRecord's store + load of record_waiters_: either it sees this waiter and notifies under mu_, or
+  // this waiter's check below sees its record.
+  const auto have = [&] { return received.load(std::memory_order_seq_cst); };
   std::unique_lock l(mu_);
-  auto have = [&] {
-    size_t n = 0;
-    for (const auto& r : reports_.at(index.value()).records) n += r.type == type;
-    return n;
-  };
+  record_waiters_.fetch_add(1, std::memory_order_seq_cst);
   const bool ok = cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return !error_.ok() || have() >= count; });
+  record_waiters_.fetch_sub(1, std::memory_order_relaxed);
   if (!error_.ok()) return error_;
   if (!ok) {
     return absl::DeadlineExceededError(fmt::format("vCPU {} sent {} of {} records of type {} within {}", index, have(),
@@ -364,12 +447,15 @@ Action ProbeVm::HandleRecord(uint32_t index, uint32_t gpa) {
     return Fail(index, absl::AbortedError(fmt::format("guest vCPU {} {}", index, GuestErrorText(*rec))));
   }
   if (config_.on_record) config_.on_record(VcpuIndex(index), *rec);
-  {
-    std::lock_guard l(mu_);
-    auto& records = reports_[index].records;
-    if (records.size() < kMaxRecordsPerVcpu) records.push_back(*rec);
+  // No lock and no allocation here: the store is this vCPU's own, and mu_ is taken only when someone waits.
+  VcpuLog& log = *logs_[index];
+  log.records.Append(*rec);
+  auto& received = log.received[rec->type];
+  received.store(received.load(std::memory_order_relaxed) + 1, std::memory_order_seq_cst);  // single writer
+  if (record_waiters_.load(std::memory_order_seq_cst) != 0) {
+    { std::lock_guard l(mu_); }  // a waiter that missed the count above is inside cv_.wait now
+    cv_.notify_all();
   }
-  cv_.notify_all();
   return Action::Continue();
 }
 
@@ -441,7 +527,7 @@ Action ProbeVm::HandleExit(uint32_t index, vcpu::VcpuExit& exit) {
           if (config_.on_console_line) config_.on_console_line(VcpuIndex(index), line);
           {
             std::lock_guard l(mu_);
-            auto& lines = reports_[index].console_lines;
+            auto& lines = console_lines_[index];
             if (lines.size() < kMaxConsoleLines) lines.push_back(std::move(line));
           }
           line.clear();
@@ -460,15 +546,15 @@ Action ProbeVm::HandleExit(uint32_t index, vcpu::VcpuExit& exit) {
         }
         {
           std::lock_guard l(mu_);
-          if (!reports_[index].done_status) ++done_count_;
-          reports_[index].done_status = status;
+          if (!done_status_[index]) ++done_count_;
+          done_status_[index] = status;
         }
         cv_.notify_all();
         return Action::Continue();  // the guest idles; Stop() ends it
       }
       case AGGVM_PORT_NOP: {
-        std::lock_guard l(mu_);
-        ++reports_[index].nop_exits;
+        auto& n = logs_[index]->nop_exits;
+        n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);  // single writer
         return Action::Continue();
       }
       default:
@@ -480,11 +566,7 @@ Action ProbeVm::HandleExit(uint32_t index, vcpu::VcpuExit& exit) {
   }
   if (auto* eoi = std::get_if<vcpu::IoapicEoi>(&exit)) {
     if (config_.on_ioapic_eoi) config_.on_ioapic_eoi(VcpuIndex(index), eoi->vector);
-    {
-      std::lock_guard l(mu_);
-      reports_[index].ioapic_eois.push_back(eoi->vector);
-    }
-    cv_.notify_all();
+    logs_[index]->eois.Append(eoi->vector);  // nobody waits on EOIs: no notify
     return Action::Continue();
   }
   if (std::holds_alternative<vcpu::IrqWindowOpen>(exit)) return Action::Continue();

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -64,6 +65,11 @@ struct ProbeVmConfig {
   VcpuIndex pong_vcpu{1};
   Vector ipi_vector{0x40};
   uint64_t memory_bytes = 64ull << 20;  // guest RAM from GPA 0 (must stay below 3 GiB: 0xC0000000 stays unmapped)
+  /// How many records / level-triggered EOIs each local vCPU's report keeps (at most kMaxReportCapacity). The store
+  /// is allocated once in Create (32 B per record, pages touched only when used); what the guest sends beyond it is
+  /// counted in VcpuReport::dropped_records / dropped_eois and not stored. on_record / on_ioapic_eoi see everything.
+  size_t max_records_per_vcpu = 64 * 1024;
+  size_t max_eois_per_vcpu = 64 * 1024;
   /// Called on the vCPU's thread for every valid record (latency measurements hook here). Keep it short.
   std::function<void(VcpuIndex, const Record&)> on_record;
   /// Called on the vCPU's thread for a level-triggered EOI (KVM_EXIT_IOAPIC_EOI, or the user irqchip's broadcast).
@@ -84,13 +90,18 @@ struct ProbeVmConfig {
   std::function<absl::StatusOr<uint64_t>(VcpuIndex, const ForwardedAccess&)> forward_io;
 };
 
-/// What one vCPU reported.
+/// Upper bound of ProbeVmConfig::max_records_per_vcpu / max_eois_per_vcpu (16 Mi: 512 MiB of records per vCPU).
+inline constexpr size_t kMaxReportCapacity = size_t{1} << 24;
+
+/// What one vCPU reported (a snapshot).
 struct VcpuReport {
   std::vector<std::string> console_lines;
-  std::vector<Record> records;
-  std::vector<Vector> ioapic_eois;
+  std::vector<Record> records;      // the first max_records_per_vcpu valid records, in order
+  std::vector<Vector> ioapic_eois;  // the first max_eois_per_vcpu level-triggered EOIs, in order
   std::optional<uint32_t> done_status;
   uint64_t nop_exits = 0;
+  uint64_t dropped_records = 0;  // valid records that did not fit in `records`
+  uint64_t dropped_eois = 0;     // EOIs that did not fit in `ioapic_eois`
 };
 
 class ProbeVm {
@@ -141,8 +152,13 @@ class ProbeVm {
   [[nodiscard]] uint64_t exits() const;
   /// Accesses sent to forward_io, and of those failed.
   [[nodiscard]] uint64_t forwarded_accesses() const { return forwarded_.load(std::memory_order_relaxed); }
+  /// Records / EOIs not stored because a vCPU's report was full (VcpuReport::dropped_*), summed over local vCPUs.
+  [[nodiscard]] uint64_t dropped_records() const;
+  [[nodiscard]] uint64_t dropped_eois() const;
 
  private:
+  struct VcpuLog;  // a local vCPU's bounded record / EOI store and counters (probe_vm.cc)
+
   ProbeVm(ProbeVmConfig config, vcpu::Kvm kvm, vcpu::Vm vm, vcpu::GuestMemory mem);
   absl::Status SetUpVcpus();
   vcpu::VcpuThread::ExitAction HandleExit(uint32_t index, vcpu::VcpuExit& exit);
@@ -172,9 +188,15 @@ class ProbeVm {
   uint64_t tsc_khz_ = 0;
   int64_t tsc_offset_ = 0;
 
+  // Per VM vCPU index; nullptr for a remote vCPU. Written only by that vCPU's thread, without a lock; read by any.
+  std::vector<std::unique_ptr<VcpuLog>> logs_;
+  // WaitForRecords callers inside cv_.wait: a record notifies cv_ (taking mu_) only when this is non-zero.
+  std::atomic<uint32_t> record_waiters_{0};
+
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<VcpuReport> reports_;  // guarded by mu_
+  std::vector<std::vector<std::string>> console_lines_;  // per vCPU, guarded by mu_
+  std::vector<std::optional<uint32_t>> done_status_;     // per vCPU, guarded by mu_
   std::vector<std::string> partial_lines_;  // per vCPU, touched only by that vCPU's thread
   absl::Status error_;               // guarded by mu_
   uint32_t done_count_ = 0;          // guarded by mu_

@@ -74,6 +74,8 @@ absl::StatusOr<StandaloneResult> RunStandalone(const StandaloneOptions& options)
   }
   (*vm)->Stop();
   if (auto s = (*vm)->error(); !s.ok()) return s;
+  result.dropped_records = (*vm)->dropped_records();
+  result.dropped_eois = (*vm)->dropped_eois();
 
   if (*workload == guest::AGGVM_WORKLOAD_HELLO) {
     if (auto s = CheckHello(**vm); !s.ok()) return s;
@@ -96,6 +98,11 @@ std::string FormatResult(const StandaloneResult& result) {
   std::string out = fmt::format("workload {} on {} vCPU(s), {} irqchip, guest TSC {} kHz\n", result.workload,
                                 result.vcpus, result.irqchip, result.tsc_khz);
   for (const auto& line : result.console) out += fmt::format("  {}\n", line);
+  if (result.dropped_records != 0 || result.dropped_eois != 0) {
+    out += fmt::format("  dropped: {} record(s), {} EOI(s) beyond the per-vCPU store (max_records_per_vcpu); "
+                       "measurements cover the kept ones only\n",
+                       result.dropped_records, result.dropped_eois);
+  }
   if (!result.measurements.empty()) {
     out += fmt::format("  {:<48} {:>7} {:>9} {:>9} {:>9} {:>9}\n", "measurement (µs)", "n", "p50", "p99", "min", "max");
     for (const auto& m : result.measurements) {
@@ -113,6 +120,8 @@ nlohmann::json ResultToJson(const StandaloneResult& result) {
   j["irqchip"] = result.irqchip;
   j["tsc_khz"] = result.tsc_khz;
   j["console"] = result.console;
+  j["dropped_records"] = result.dropped_records;
+  j["dropped_eois"] = result.dropped_eois;
   j["measurements"] = nlohmann::json::array();
   for (const auto& m : result.measurements) {
     j["measurements"].push_back({{"name", m.name}, {"unit", "us"}, {"count", m.us.count}, {"p50", m.us.p50},

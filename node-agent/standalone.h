@@ -36,6 +36,9 @@ struct StandaloneResult {
   uint64_t tsc_khz = 0;
   std::vector<std::string> console;  // "vcpu N: line"
   std::vector<Measurement> measurements;
+  /// Records / EOIs the VM did not keep (its per-vCPU store was full): measurements then cover only the kept ones.
+  uint64_t dropped_records = 0;
+  uint64_t dropped_eois = 0;
 };
 
 /// Runs the VM to completion. A misbehaving guest is an error naming what it did.
