@@ -347,6 +347,16 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   lcc.num_vcpus = spec.vcpus();
   lcc.owned = plan.local_vcpus;
   lcc.wait_mode = wait_mode;
+  // Traced frames injected here: their trace block goes to the VM's watchers as a kTraceRecordType record.
+  lcc.on_trace = [r, v = plan.local_vcpus.empty() ? VcpuIndex(0) : plan.local_vcpus.front()](
+                     const transport::TraceBlock& t) {
+    auto since_raised = [&t](uint64_t stamp) -> uint64_t {
+      return stamp == 0 || stamp < t.raised ? 0xFFFFFFFFu : std::min<uint64_t>(stamp - t.raised, 0xFFFFFFFFu);
+    };
+    r->output->Record(r->vm_name, v, kTraceRecordType, t.raised,
+                      since_raised(t.master_received) | since_raised(t.master_decided) << 32,
+                      since_raised(t.target_received) | since_raised(t.injected) << 32);
+  };
   auto lc = LocalController::Create(std::move(lcc), r->transport.get(), r->port.get());
   if (!lc.ok()) return lc.status();
   r->lc = *std::move(lc);
