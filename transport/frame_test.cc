@@ -1,4 +1,5 @@
 #include "transport/frame.h"
+#include "tests/support/alloc_counter.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -9,24 +10,6 @@
 #include <new>
 #include <string>
 
-// Counts this thread's heap allocations, to show that DecodeFrameRaw allocates nothing, also for a bad frame.
-namespace {
-thread_local uint64_t g_allocations = 0;
-}  // namespace
-void* operator new(std::size_t n) {
-  ++g_allocations;
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // the operator new above is malloc: free is its match
-#endif
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace aggvm::transport {
 namespace {
@@ -498,9 +481,9 @@ TEST(Frame, DecodeFrameRawGivesTheSameReasonWithoutAllocating) {
     WireFrame w;
     EncodeFrame(r.make(), w);
     Frame out;
-    const uint64_t before = g_allocations;
+    const uint64_t before = ::aggvm::testing::ThreadAllocations();
     const FrameError e = DecodeFrameRaw(w.data(), w.size(), out);
-    EXPECT_EQ(g_allocations, before) << "DecodeFrameRaw allocated for a bad frame";
+    EXPECT_EQ(::aggvm::testing::ThreadAllocations(), before) << "DecodeFrameRaw allocated for a bad frame";
     ASSERT_FALSE(e.ok());
     EXPECT_EQ(e.code, FrameErrorCode::kInvalidField);
     EXPECT_EQ(e.type, w[1]);
@@ -517,9 +500,9 @@ TEST(Frame, DecodeFrameRawGivesTheSameReasonWithoutAllocating) {
   WireFrame good;
   EncodeFrame(Make(FrameType::kEoi, Eoi(), 9), good);
   Frame out;
-  uint64_t before = g_allocations;
+  uint64_t before = ::aggvm::testing::ThreadAllocations();
   FrameError e = DecodeFrameRaw(good.data(), good.size(), out);
-  EXPECT_EQ(g_allocations, before);
+  EXPECT_EQ(::aggvm::testing::ThreadAllocations(), before);
   ASSERT_TRUE(e.ok());
   EXPECT_EQ(out.sequence, 9u);
   EXPECT_EQ(std::get<EoiPayload>(out.payload).gsi, Eoi().gsi);
@@ -540,18 +523,18 @@ TEST(Frame, DecodeFrameRawGivesTheSameReasonWithoutAllocating) {
                         Case{50, 3, FrameErrorCode::kInvalidField, FrameField::kTraceByte, 50}}) {
     WireFrame w = good;
     w[c.index] = c.value;
-    before = g_allocations;
+    before = ::aggvm::testing::ThreadAllocations();
     e = DecodeFrameRaw(w.data(), w.size(), out);
-    EXPECT_EQ(g_allocations, before);
+    EXPECT_EQ(::aggvm::testing::ThreadAllocations(), before);
     EXPECT_EQ(e.code, c.code) << c.index;
     EXPECT_EQ(e.field, c.field) << c.index;
     EXPECT_EQ(e.offset, c.offset) << c.index;
     EXPECT_EQ(e.value, c.value) << c.index;
     EXPECT_EQ(DescribeFrameError(e), DecodeFrame(w.data(), w.size()).status().message());
   }
-  before = g_allocations;
+  before = ::aggvm::testing::ThreadAllocations();
   e = DecodeFrameRaw(good.data(), 63, out);
-  EXPECT_EQ(g_allocations, before);
+  EXPECT_EQ(::aggvm::testing::ThreadAllocations(), before);
   EXPECT_EQ(e.code, FrameErrorCode::kSize);
   EXPECT_EQ(e.value, 63u);
   EXPECT_EQ(FrameErrorStatus(e).code(), absl::StatusCode::kInvalidArgument);

@@ -25,40 +25,11 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "tests/support/alloc_counter.h"
 #include "irqchip/destination.h"
 #include "irqchip/router.h"
 
-// ---- allocation counting -----------------------------------------------------------------------------------
-// GCC flags free() in the replaced operator delete as mismatched once it inlines them into std containers; the pair
-// is consistent (malloc/aligned_alloc with free), so the warning is a false positive here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-namespace {
-std::atomic<uint64_t> g_allocations{0};
-}  // namespace
-
-void* operator new(size_t n) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](size_t n) { return operator new(n); }
-void* operator new(size_t n, std::align_val_t a) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  const size_t al = static_cast<size_t>(a);
-  if (void* p = std::aligned_alloc(al, (n + al - 1) / al * al)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](size_t n, std::align_val_t a) { return operator new(n, a); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t, std::align_val_t) noexcept { std::free(p); }
+// Allocations are counted by tests/support/alloc_counter (it replaces the global operator new).
 
 namespace {
 
@@ -99,7 +70,7 @@ Measurement Measure(const std::vector<InterruptRequest>& reqs, double seconds, i
   uint64_t delivered = 0, decided = 0;
   for (int r = 0; r < repeats; ++r) {
     uint64_t n = 0;
-    const uint64_t a0 = g_allocations.load(std::memory_order_relaxed);
+    const uint64_t a0 = ::aggvm::testing::ProcessAllocations();
     const auto w0 = Clock::now();
     const double c0 = ThreadCpuSeconds();
     double c = c0;
@@ -108,7 +79,7 @@ Measurement Measure(const std::vector<InterruptRequest>& reqs, double seconds, i
       c = ThreadCpuSeconds();
     } while (c - c0 < seconds);
     const double wall = std::chrono::duration<double>(Clock::now() - w0).count();
-    allocs += g_allocations.load(std::memory_order_relaxed) - a0;
+    allocs += ::aggvm::testing::ProcessAllocations() - a0;
     decided += n;
     rates.push_back(static_cast<double>(n) / (c - c0));
     wall_rates.push_back(static_cast<double>(n) / wall);

@@ -29,25 +29,13 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "tests/support/alloc_counter.h"
 #include "common/clock.h"
 #include "lab/hop_breakdown.h"
 #include "lab/latency_histogram.h"
 #include "lab/metrics.h"
 
-// ---- allocation counting (replaced global operator new) ---------------------------------------------------------
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-namespace {
-std::atomic<uint64_t> g_allocations{0};
-}  // namespace
-void* operator new(size_t n) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
+// Allocations are counted by tests/support/alloc_counter (it replaces the global operator new).
 
 namespace aggvm::lab {
 namespace {
@@ -148,11 +136,11 @@ int Main(int argc, char** argv) {
   for (auto& op : ops) op.run(iterations / 10);  // warm up (page in the buckets, resolve PLT entries)
   for (int r = 0; r < repeats; ++r) {
     for (auto& op : ops) {
-      const uint64_t a0 = g_allocations.load(std::memory_order_relaxed);
+      const uint64_t a0 = ::aggvm::testing::ProcessAllocations();
       const auto t0 = std::chrono::steady_clock::now();
       op.run(iterations);
       const auto t1 = std::chrono::steady_clock::now();
-      op.allocations += g_allocations.load(std::memory_order_relaxed) - a0;
+      op.allocations += ::aggvm::testing::ProcessAllocations() - a0;
       op.ns_per_op.push_back(std::chrono::duration<double, std::nano>(t1 - t0).count() /
                              static_cast<double>(iterations));
     }

@@ -20,30 +20,12 @@
 
 #include "common/clock.h"
 #include "tests/rdma/raw_rc.h"
+#include "tests/support/alloc_counter.h"
 #include "transport/rdma/rdma_transport.h"
 #include "transport/rdma/tcp_bootstrap.h"
 
 extern char** environ;
 
-// Counts this thread's heap allocations: the per-frame paths (a bad frame received, a full send queue) must not
-// allocate, whatever the peer sends.
-namespace {
-thread_local uint64_t g_allocations = 0;
-}  // namespace
-void* operator new(std::size_t n) {
-  ++g_allocations;
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // the operator new above is malloc: free is its match
-#endif
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace aggvm::transport::rdma {
 namespace {
@@ -267,9 +249,9 @@ std::vector<ReceivedFrame> Collect(RdmaTransport& t, size_t want, uint64_t* allo
   uint64_t counted = 0;
   const auto deadline = Clock::now() + std::chrono::seconds(10);
   while (got.size() < want && Clock::now() < deadline) {
-    const uint64_t before = g_allocations;
+    const uint64_t before = ::aggvm::testing::ThreadAllocations();
     auto n = t.Wait(buf, absl::Milliseconds(100));
-    counted += g_allocations - before;
+    counted += ::aggvm::testing::ThreadAllocations() - before;
     EXPECT_TRUE(n.ok()) << n.status();
     if (!n.ok()) break;
     got.insert(got.end(), buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(*n));
@@ -369,12 +351,12 @@ TEST(RdmaRxe, FullSendQueueIsResourceExhaustedWithoutAllocating) {
   ASSERT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full << " after " << sent << " frames";
   EXPECT_NE(full.message().find("send queue to node 2 is full"), std::string_view::npos) << full;
   EXPECT_GE(sent, uint64_t{RdmaTransport::kSendDepth});
-  const uint64_t before = g_allocations;
+  const uint64_t before = ::aggvm::testing::ThreadAllocations();
   for (int i = 0; i < 1000; ++i) {
     Frame f = Ping(sent);
     ASSERT_EQ(p.a->Send(NodeId(2), f).code(), absl::StatusCode::kResourceExhausted);
   }
-  EXPECT_EQ(g_allocations - before, 0u) << "a full send queue allocated";
+  EXPECT_EQ(::aggvm::testing::ThreadAllocations() - before, 0u) << "a full send queue allocated";
   // The receiver drains; the held frames follow in order.
   std::vector<ReceivedFrame> buf(64);
   uint64_t got = 0;
