@@ -1,6 +1,7 @@
 #include "vcpu/interrupt_injector.h"
 
 #include "absl/strings/str_cat.h"
+#include "irqchip/msi.h"
 #include "vcpu/vm.h"
 
 namespace aggvm::vcpu {
@@ -13,6 +14,22 @@ absl::StatusOr<IrqchipMode> ParseIrqchipMode(std::string_view name) {
   return absl::InvalidArgumentError(absl::StrCat("irqchip mode '", absl::string_view(name.data(), name.size()),
                                                  "' is not one of: kernel (KVM's LAPICs, split irqchip), user "
                                                  "(LAPIC models in userspace, KVM_INTERRUPT)"));
+}
+
+absl::Status InterruptInjector::Deliver(const irqchip::InterruptMessage& message) {
+  irqchip::MsiDecodeOptions options;
+  options.extended_dest_id = false;
+  options.x2apic_32bit_ids = true;  // vcpu/msi.h: destination bits 31:8 in address_hi
+  auto msi = irqchip::EncodeMsi(message, options);
+  if (!msi.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot deliver this message as an MSI: ", msi.status().message(),
+                                                   " (use the user irqchip, or a mode-specific path)"));
+  }
+  MsiMessage m;
+  m.address_lo = static_cast<uint32_t>(msi->address);
+  m.address_hi = static_cast<uint32_t>(msi->address >> 32) << 8;  // irqchip: bits 31:8 shifted down; KVM: in place
+  m.data = msi->data;
+  return InjectMsi(m);
 }
 
 absl::Status KernelIrqchipInjector::InjectMsi(const MsiMessage& msi) {

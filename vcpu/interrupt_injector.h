@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "irqchip/interrupt.h"
 #include "vcpu/msi.h"
 
 namespace aggvm::vcpu {
@@ -33,6 +34,11 @@ class InterruptInjector {
   /// Delivers `msi` (SDM vol. 3, 11.11). Unavailable when no LAPIC accepted it (no such destination, or the
   /// destination's LAPIC is software-disabled); other codes are failures of the mechanism. Thread-safe.
   virtual absl::Status InjectMsi(const MsiMessage& msi) = 0;
+  /// Delivers one interrupt message to this VM's local APICs, e.g. what the master routed to this node (fixed,
+  /// lowest priority already arbitrated, NMI, INIT, SIPI). Unavailable when no LAPIC accepted it. Thread-safe.
+  /// Default: as an MSI (irqchip::EncodeMsi with KVM's 32-bit x2APIC IDs), so no shorthand and no SIPI (an MSI
+  /// cannot carry delivery mode 110b, SDM 11.11.2): InvalidArgument for those. UserIrqchipInjector takes every mode.
+  virtual absl::Status Deliver(const irqchip::InterruptMessage& message);
 };
 
 /// `kernel` mode: KVM_SIGNAL_MSI on a VM with an in-kernel (split) irqchip. The Vm must outlive it.

@@ -1,6 +1,9 @@
 #include "vcpu/user_irqchip.h"
 
+#include <sys/ioctl.h>
+
 #include <array>
+#include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -11,6 +14,7 @@
 #include "irqchip/apic_regs.h"
 #include "irqchip/destination.h"
 #include "irqchip/msi.h"
+#include "vcpu/errno_status.h"
 #include "vcpu/vcpu.h"
 #include "vcpu/vm.h"
 
@@ -22,7 +26,8 @@ using Disposition = VcpuInterruptHooks::Disposition;
 struct UserIrqchip::AtomicCounters {
   std::atomic<uint64_t> msis{0}, bad_msis{0}, ipis{0}, undelivered{0}, injected{0}, nmis{0}, window_requests{0},
       halts{0}, apic_msr_accesses{0}, apic_mmio_accesses{0}, bad_apic_mmio{0}, foreign_msrs_gp{0}, eoi_broadcasts{0},
-      unsupported_events{0};
+      unsupported_events{0}, inits{0}, sipis{0}, sipis_ignored{0}, startups{0}, remote_ipis{0},
+      remote_xapic_logical_refused{0}, remote_without_sink{0};
 };
 
 namespace {
@@ -32,6 +37,63 @@ void Bump(std::atomic<uint64_t>& c) { c.fetch_add(1, std::memory_order_relaxed);
 bool IsApicMsr(uint32_t msr) {
   return msr == apic::kMsrApicBase || msr == apic::kMsrTscDeadline ||
          (msr >= apic::kMsrX2ApicFirst && msr <= apic::kMsrX2ApicLast);
+}
+
+// Where a vCPU starts after a SIPI or (the BSP) after an INIT: real mode at CS:IP, CS.base = selector << 4.
+struct StartupPoint {
+  uint16_t cs_selector = 0;
+  uint64_t cs_base = 0;
+  uint64_t rip = 0;
+};
+
+// SDM vol. 3, 9.1.1 table 9-1 "IA-32 and Intel 64 Processor States Following Power-up, Reset, or INIT".
+constexpr uint64_t kCr0AfterInit = 0x60000010;  // CD | NW | ET
+constexpr uint64_t kRdxAfterInit = 0x600;       // processor signature; KVM's value (family 6)
+constexpr StartupPoint kResetVector{0xF000, 0xFFFF0000, 0xFFF0};
+
+kvm_segment RealModeSegment(uint16_t selector, uint64_t base, uint8_t type, bool system_descriptor) {
+  kvm_segment seg{};
+  seg.base = base;
+  seg.limit = 0xFFFF;
+  seg.selector = selector;
+  seg.type = type;
+  seg.present = 1;
+  seg.s = system_descriptor ? 0 : 1;
+  return seg;
+}
+
+// `current` (KVM_GET_SREGS: keeps apic_base) set to the state after INIT, CS at `at`.
+kvm_sregs SregsAfterInit(kvm_sregs current, const StartupPoint& at) {
+  kvm_sregs s = current;
+  s.cs = RealModeSegment(at.cs_selector, at.cs_base, 0xB, false);  // execute/read, accessed
+  s.ds = s.es = s.fs = s.gs = s.ss = RealModeSegment(0, 0, 0x3, false);  // read/write, accessed
+  s.tr = RealModeSegment(0, 0, 0xB, true);   // busy TSS
+  s.ldt = RealModeSegment(0, 0, 0x2, true);  // LDT
+  s.gdt = {0, 0xFFFF, {}};
+  s.idt = {0, 0xFFFF, {}};
+  s.cr0 = kCr0AfterInit;
+  s.cr2 = s.cr3 = s.cr4 = s.cr8 = 0;
+  s.efer = 0;
+  std::memset(s.interrupt_bitmap, 0, sizeof s.interrupt_bitmap);
+  return s;
+}
+
+// Drops what KVM still holds from the discarded guest context: a queued KVM_INTERRUPT, an injected or pending NMI,
+// a pending exception (api.rst, KVM_GET/SET_VCPU_EVENTS).
+absl::Status ClearQueuedEvents(const Vcpu& vcpu) {
+  kvm_vcpu_events ev{};
+  if (::ioctl(vcpu.fd(), KVM_GET_VCPU_EVENTS, &ev) != 0) return ErrnoStatus(errno, "KVM_GET_VCPU_EVENTS");
+  ev.exception.injected = 0;
+  ev.exception.pending = 0;
+  ev.exception.has_error_code = 0;
+  ev.interrupt.injected = 0;
+  ev.interrupt.shadow = 0;
+  ev.nmi.injected = 0;
+  ev.nmi.pending = 0;
+  ev.nmi.masked = 0;
+  ev.flags = KVM_VCPUEVENT_VALID_NMI_PENDING;
+  if (::ioctl(vcpu.fd(), KVM_SET_VCPU_EVENTS, &ev) != 0) return ErrnoStatus(errno, "KVM_SET_VCPU_EVENTS");
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -57,6 +119,42 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
 
   // ---- VcpuInterruptHooks: vCPU thread (Wake: any thread) ----
   absl::Status BeforeRun() override {
+    // Run state first (INIT / SIPI, see the header). Waiting happens before in_run is set: a router that makes a
+    // waiting vCPU runnable notifies `cv` (parked) instead of kicking.
+    std::optional<StartupPoint> startup;
+    {
+      std::unique_lock l(mu);
+      TakeLatchedLocked();
+      if (flush_before_startup && run_state != RunState::kRunning) {
+        // One KVM_RUN with immediate_exit completes the MMIO / PIO / MSR access of the discarded context (KVM does
+        // that before it looks at immediate_exit): after it nothing rewrites the registers we load next.
+        flush_before_startup = false;
+        l.unlock();
+        vcpu->SetImmediateExit(true);
+        return absl::OkStatus();
+      }
+      while (run_state == RunState::kWaitForSipi && !wake) {
+        parked = true;
+        cv.wait(l);
+      }
+      parked = false;
+      if (run_state == RunState::kWaitForSipi) {
+        // Kicked (pause, stop, ...): let the VcpuThread loop look at its command without entering the guest; the
+        // immediate_exit makes this KVM_RUN a Kicked exit. A stale wake costs one such round.
+        wake = false;
+        l.unlock();
+        vcpu->SetImmediateExit(true);
+        return absl::OkStatus();
+      }
+      if (run_state == RunState::kStartup) {
+        startup = startup_point;
+        run_state = RunState::kRunning;
+        discard_exits.store(false, std::memory_order_relaxed);  // read only by this thread, in OnExit
+      }
+    }
+    if (startup.has_value()) {
+      if (absl::Status s = LoadStartupState(*startup); !s.ok()) return s;
+    }
     // in_run first (seq_cst), then the check under `mu`: a router that accepts after our check sees in_run and
     // kicks; one that accepted before it is seen by the check (see AcceptOn).
     in_run.store(true, std::memory_order_seq_cst);
@@ -66,9 +164,15 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
     {
       std::lock_guard l(mu);
       wake = false;
+      TakeLatchedLocked();
+      if (run_state != RunState::kRunning) {
+        // An INIT landed between the two locked sections: enter with immediate_exit, the next BeforeRun handles it.
+        in_run.store(false, std::memory_order_relaxed);
+        vcpu->SetImmediateExit(true);
+        return absl::OkStatus();
+      }
       apic.ServiceTimer();
-      nmi = apic.TakeNmi();
-      DropUnsupported();
+      nmi = apic.TakeNmi() || std::exchange(nmi_latched, false);
       if (apic.PendingInterrupt().has_value()) {
         // The last exit's ready_for_interrupt_injection is stale once we queued a vector ourselves.
         if (vcpu->ready_for_interrupt_injection() && !queued) inject = apic.AcknowledgeInterrupt();
@@ -96,6 +200,8 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
   }
 
   Disposition OnExit(VcpuExit& exit) override {
+    // The guest context an INIT discarded: its last exits are dropped (no #GP, no IPI, no I/O reaches the runner).
+    if (discard_exits.load(std::memory_order_relaxed)) return Disposition::kHandled;
     if (auto* rd = std::get_if<MsrRead>(&exit)) return OnMsrRead(*rd);
     if (auto* wr = std::get_if<MsrWrite>(&exit)) return OnMsrWrite(exit, *wr);
     if (auto* mr = std::get_if<MmioRead>(&exit)) return OnMmioRead(*mr);
@@ -204,8 +310,12 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
     halted = true;
     for (;;) {
       apic.ServiceTimer();
-      DropUnsupported();
-      if (wake || (interruptible && apic.PendingInterrupt().has_value())) break;
+      TakeLatchedLocked();
+      if (apic.TakeNmi()) nmi_latched = true;  // an NMI ends a halt whatever IF says
+      if (wake || nmi_latched || run_state != RunState::kRunning ||
+          (interruptible && apic.PendingInterrupt().has_value())) {
+        break;
+      }
       if (const auto deadline = apic.TimerDeadlineNs()) {
         const uint64_t now = chip.clock_.NowNs();
         if (*deadline > now) cv.wait_for(l, std::chrono::nanoseconds(*deadline - now));
@@ -217,16 +327,67 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
     return Disposition::kHandled;
   }
 
-  // ---- effects ----
-  void DropUnsupported() {  // `mu` held
-    uint64_t n = 0;
-    n += apic.TakeSmi();
-    n += apic.TakeInit();
-    n += apic.TakeExtInt();
-    n += apic.TakeSipi().has_value();
-    if (n != 0) chip.counters_->unsupported_events.fetch_add(n, std::memory_order_relaxed);
+  // ---- INIT / SIPI ----
+  // `mu` held. Applies an INIT the model latched (SDM 9.4, 11.4.7.3).
+  void ApplyInitLocked() {
+    apic.ResetOnInit();
+    nmi_latched = false;
+    flush_before_startup = true;
+    discard_exits.store(true, std::memory_order_relaxed);
+    if ((apic.apic_base() & apic::kApicBaseBsp) != 0) {
+      run_state = RunState::kStartup;  // the BSP restarts at the reset vector (KVM: kvm_apic_accept_events)
+      startup_point = kResetVector;
+    } else {
+      run_state = RunState::kWaitForSipi;
+    }
+    Bump(chip.counters_->inits);
   }
 
+  // `mu` held. A SIPI the model latched: starts a vCPU in WaitForSipi; ignored otherwise. True if it started one.
+  bool ApplySipiLocked(Vector vector) {
+    if (run_state != RunState::kWaitForSipi) {
+      Bump(chip.counters_->sipis_ignored);
+      return false;
+    }
+    run_state = RunState::kStartup;
+    startup_point = {static_cast<uint16_t>(vector.value() << 8), static_cast<uint64_t>(vector.value()) << 12, 0};
+    Bump(chip.counters_->sipis);
+    return true;
+  }
+
+  // `mu` held: the non-vectored events the model latched that change the run state or are not modelled.
+  // Returns true if the run state changed.
+  bool TakeLatchedLocked() {
+    bool changed = false;
+    if (apic.TakeInit()) {
+      ApplyInitLocked();
+      changed = true;
+    }
+    if (const std::optional<Vector> v = apic.TakeSipi()) changed |= ApplySipiLocked(*v);
+    uint64_t n = 0;
+    n += apic.TakeSmi();
+    n += apic.TakeExtInt();
+    if (n != 0) chip.counters_->unsupported_events.fetch_add(n, std::memory_order_relaxed);
+    return changed;
+  }
+
+  // vCPU thread, no lock: the register state after INIT with CS:IP at `at` (SDM 9.1.1 table 9-1).
+  absl::Status LoadStartupState(const StartupPoint& at) {
+    auto sregs = vcpu->GetSregs();
+    if (!sregs.ok()) return sregs.status();
+    if (absl::Status s = vcpu->SetSregs(SregsAfterInit(*sregs, at)); !s.ok()) return s;
+    if (absl::Status s = ClearQueuedEvents(*vcpu); !s.ok()) return s;
+    kvm_regs regs{};
+    regs.rip = at.rip;
+    regs.rflags = 0x2;
+    regs.rdx = kRdxAfterInit;
+    vcpu->StageRegs(regs);
+    queued = false;
+    Bump(chip.counters_->startups);
+    return absl::OkStatus();
+  }
+
+  // ---- effects ----
   void TakeEffectsLocked() {  // `mu` held: move the sink's outputs out of the lock's scope
     pending_out_count = outbox_count;
     for (size_t i = 0; i < outbox_count; ++i) pending_out[i] = outbox[i];
@@ -237,10 +398,7 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
 
   // vCPU thread, no lock held: route the IPIs of the last register access; an EOI broadcast becomes IoapicEoi.
   Disposition RouteEffects(VcpuExit& exit) {
-    for (size_t i = 0; i < pending_out_count; ++i) {
-      Bump(chip.counters_->ipis);
-      if (chip.Deliver(pending_out[i]) == 0) Bump(chip.counters_->undelivered);
-    }
+    for (size_t i = 0; i < pending_out_count; ++i) chip.RouteIcr(index, pending_out[i]);
     pending_out_count = 0;
     if (pending_eoi.has_value()) {
       Bump(chip.counters_->eoi_broadcasts);
@@ -259,6 +417,13 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
   std::condition_variable cv;
   irqchip::LocalApic apic;                                 // (mu)
   bool halted = false;                                     // (mu) sleeping in OnHlt
+  bool parked = false;                                     // (mu) waiting for a SIPI in BeforeRun
+  enum class RunState : uint8_t { kRunning, kWaitForSipi, kStartup };
+  RunState run_state = RunState::kRunning;                 // (mu) kStartup: load startup_point, then run
+  StartupPoint startup_point;                              // (mu)
+  bool flush_before_startup = false;                       // (mu) INIT seen; flush the old context's exit first
+  bool nmi_latched = false;                                // (mu) NMI taken from the model by OnHlt, to inject
+  std::atomic<bool> discard_exits{false};                  // INIT discarded the running context (see OnExit)
   bool wake = false;                                       // (mu) Wake() since the last BeforeRun
   bool became_pending = false;                             // (mu) set by InterruptPending
   std::array<irqchip::InterruptMessage, kOutboxSize> outbox{};  // (mu)
@@ -301,6 +466,73 @@ void UserIrqchip::Attach(VcpuIndex index, Vcpu& vcpu, VcpuThread& thread) {
 
 VcpuInterruptHooks& UserIrqchip::hooks(VcpuIndex index) { return *slots_.at(index.value()); }
 
+void UserIrqchip::HoldUntilSipi(VcpuIndex index) {
+  Slot& s = *slots_.at(index.value());
+  std::lock_guard l(s.mu);
+  s.run_state = Slot::RunState::kWaitForSipi;
+  s.flush_before_startup = false;  // never ran: no exit to complete
+}
+
+bool UserIrqchip::WaitingForSipi(VcpuIndex index) const {
+  const Slot& s = *slots_.at(index.value());
+  std::lock_guard l(s.mu);
+  return s.run_state == Slot::RunState::kWaitForSipi;
+}
+
+void UserIrqchip::SetRemote(std::span<const irqchip::ApicAddressing> remote, RemoteIpiSink* sink) {
+  remote_.assign(remote.begin(), remote.end());
+  remote_has_xapic_ = false;
+  for (const auto& r : remote_) remote_has_xapic_ |= !r.x2apic;
+  remote_sink_ = sink;
+}
+
+uint8_t UserIrqchip::Priority(VcpuIndex index) const {
+  const Slot& s = *slots_.at(index.value());
+  std::lock_guard l(s.mu);
+  return s.apic.ppr();
+}
+
+UserIrqchip::IcrRoute UserIrqchip::ClassifyIcr(const irqchip::InterruptMessage& m) const {
+  if (remote_.empty()) return IcrRoute::kLocal;
+  switch (m.shorthand) {
+    case irqchip::Shorthand::kSelf: return IcrRoute::kLocal;
+    case irqchip::Shorthand::kAllIncludingSelf:
+    case irqchip::Shorthand::kAllExcludingSelf: return IcrRoute::kRemote;  // remote vCPUs exist: they are named
+    case irqchip::Shorthand::kNone: break;
+  }
+  // A broadcast destination names every vCPU, whatever its logical ID.
+  for (const auto& r : remote_) {
+    if (irqchip::IsBroadcastFor(m, r)) return IcrRoute::kRemote;
+  }
+  // xAPIC logical: a remote vCPU's LDR / DFR are guest writes on its own node, unknown here.
+  if (m.dest_mode == irqchip::DestMode::kLogical && remote_has_xapic_) return IcrRoute::kRefusedXapicLogical;
+  // Lowest priority: the master arbitrates with every vCPU's priority, local ones included.
+  if (irqchip::IsArbitrated(m)) return IcrRoute::kRemote;
+  // Physical ID, or x2APIC logical (cluster / bit derived from the ID, SDM 11.12.10.2).
+  for (const auto& r : remote_) {
+    if (irqchip::MatchesDestinationField(m, r)) return IcrRoute::kRemote;
+  }
+  return IcrRoute::kLocal;
+}
+
+void UserIrqchip::RouteIcr(uint32_t source, const irqchip::InterruptMessage& message) {
+  Bump(counters_->ipis);
+  switch (ClassifyIcr(message)) {
+    case IcrRoute::kLocal:
+      if (Deliver(message) == 0) Bump(counters_->undelivered);
+      return;
+    case IcrRoute::kRemote:
+      if (remote_sink_ == nullptr) {
+        Bump(counters_->remote_without_sink);
+        return;
+      }
+      Bump(counters_->remote_ipis);
+      remote_sink_->OnRemoteIcr(VcpuIndex(source), message);
+      return;
+    case IcrRoute::kRefusedXapicLogical: Bump(counters_->remote_xapic_logical_refused); return;
+  }
+}
+
 bool UserIrqchip::AcceptOn(Slot& slot, const irqchip::InterruptMessage& message, bool check_destination) {
   bool accepted = false;
   bool notify = false;
@@ -311,10 +543,13 @@ bool UserIrqchip::AcceptOn(Slot& slot, const irqchip::InterruptMessage& message,
     slot.became_pending = false;
     const irqchip::AcceptResult r = slot.apic.Accept(message);
     accepted = r == irqchip::AcceptResult::kAccepted || r == irqchip::AcceptResult::kCoalesced;
-    if (slot.became_pending) {
+    // INIT and SIPI take effect here, in message order: a SIPI right behind an INIT finds the vCPU waiting for it.
+    const bool run_state_changed = slot.TakeLatchedLocked();
+    if (message.mode == irqchip::DeliveryMode::kStartup) accepted = run_state_changed;
+    if (slot.became_pending || run_state_changed) {
       // Read under the lock: a vCPU thread that stored in_run before taking this lock is seen here (BeforeRun).
-      notify = slot.halted;
-      kick = !slot.halted && slot.in_run.load(std::memory_order_seq_cst);
+      notify = slot.halted || slot.parked;
+      kick = !notify && slot.in_run.load(std::memory_order_seq_cst);
     }
   }
   if (notify) slot.cv.notify_all();
@@ -348,7 +583,9 @@ uint32_t UserIrqchip::Deliver(const irqchip::InterruptMessage& message) {
 absl::Status UserIrqchip::InjectMsi(const MsiMessage& msi) {
   irqchip::MsiDecodeOptions options;
   options.x2apic_32bit_ids = true;  // the KVM_X2APIC_API_USE_32BIT_IDS convention of vcpu/msi.h
-  const uint64_t address = (static_cast<uint64_t>(msi.address_hi) << 32) | msi.address_lo;
+  // KVM's convention (vcpu/msi.h): address_hi bits 31:8 ARE destination bits 31:8; irqchip's decoder takes them
+  // shifted down into the high dword's low bits.
+  const uint64_t address = (static_cast<uint64_t>(msi.address_hi >> 8) << 32) | msi.address_lo;
   const irqchip::MsiDecodeResult d = irqchip::DecodeMsiRaw(address, msi.data, options);
   if (!d.ok()) {
     Bump(counters_->bad_msis);
@@ -364,6 +601,14 @@ absl::Status UserIrqchip::InjectMsi(const MsiMessage& msi) {
                                                "disabled (has the guest enabled it yet?)"));
   }
   return absl::OkStatus();
+}
+
+absl::Status UserIrqchipInjector::Deliver(const irqchip::InterruptMessage& message) {
+  if (chip_.Deliver(message) != 0) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "interrupt message (mode ", static_cast<int>(message.mode), ", vector ", message.vector.value(),
+      ", destination ", message.destination, ") was not accepted here: no local vCPU with that destination, its "
+      "LAPIC is disabled, or a SIPI to a vCPU not waiting for one"));
 }
 
 UserIrqchipCounters UserIrqchip::counters() const {
@@ -384,6 +629,13 @@ UserIrqchipCounters UserIrqchip::counters() const {
   out.foreign_msrs_gp = g(c.foreign_msrs_gp);
   out.eoi_broadcasts = g(c.eoi_broadcasts);
   out.unsupported_events = g(c.unsupported_events);
+  out.inits = g(c.inits);
+  out.sipis = g(c.sipis);
+  out.sipis_ignored = g(c.sipis_ignored);
+  out.startups = g(c.startups);
+  out.remote_ipis = g(c.remote_ipis);
+  out.remote_xapic_logical_refused = g(c.remote_xapic_logical_refused);
+  out.remote_without_sink = g(c.remote_without_sink);
   return out;
 }
 

@@ -25,8 +25,46 @@
 // (UserIrqchipInjector). A level-triggered EOI (the model's EoiBroadcast) is surfaced to the runner as an
 // IoapicEoi exit, exactly where kernel mode reports KVM_EXIT_IOAPIC_EOI.
 //
-// Per-interrupt path: one mutex per LocalApic (the model is single-threaded), no allocation, no logging.
-// Not modelled here (counted in UserIrqchipCounters::unsupported_events): SMI, INIT, SIPI and ExtINT deliveries;
+// INIT / SIPI / NMI (SDM vol. 3, 9.4 "Multiple-Processor (MP) Initialization", 11.6.1 ICR delivery modes, 11.4.7.3
+// "Local APIC State After an INIT Reset"). Each vCPU has a run state: Running, or WaitForSipi.
+//   - INIT (level assert) is applied when the message is accepted, under the target's APIC lock, so that a SIPI
+//     that follows it is never lost: the LocalApic resets (ResetOnInit: everything but the APIC ID and
+//     IA32_APIC_BASE, so x2APIC mode is kept), and an AP enters WaitForSipi: its thread stops entering the guest
+//     (it is kicked out of KVM_RUN or out of its userspace HLT and then waits in BeforeRun, where Pause / Stop still
+//     reach it). The BSP (IA32_APIC_BASE.BSP) restarts at the reset vector F000:FFF0 as KVM does for it. Exits
+//     still in flight from the guest context that INIT discarded are dropped.
+//   - SIPI to a vCPU in WaitForSipi: the thread loads the state after INIT (real mode, CR0 = 0x60000010, EFER = 0,
+//     segments base 0 / limit 0xFFFF, RFLAGS = 2, RDX = 0x600) with CS.selector = vector << 8, CS.base =
+//     vector << 12 and RIP = 0 (KVM_SET_SREGS + sync regs, on its own thread before KVM_RUN; an interrupt, NMI or
+//     exception KVM still held queued for the discarded context is dropped with KVM_SET_VCPU_EVENTS), then runs. A
+//     SIPI to a running vCPU is ignored (counted in sipis_ignored), as on hardware.
+//   - HoldUntilSipi puts a vCPU in WaitForSipi before its thread starts: an AP at power-on.
+//   - NMI: latched by the model, injected with KVM_NMI before the next entry; it ends a userspace HLT (also with
+//     IF = 0). An NMI accepted during WaitForSipi stays latched until the SIPI starts the vCPU.
+//   - Fixed interrupts during WaitForSipi: the APIC is software-disabled after INIT (SVR = 0xFF), so they are
+//     refused by the model as on hardware.
+//
+// Distributed VMs (issue 6): SetRemote gives the addressing of the vCPUs that run on other nodes and the
+// RemoteIpiSink that forwards. Every ICR send is classified (see RemoteIpiSink for the contract):
+//   - may name a remote vCPU: physical destination equal to a remote APIC ID, a broadcast destination, the
+//     all-including-self / all-excluding-self shorthands, an x2APIC logical destination whose cluster/bit matches a
+//     remote x2APIC ID (the x2APIC LDR follows from the ID, SDM 11.12.10.2), or any lowest-priority message: the
+//     whole message goes to the sink, nothing is delivered here.
+//   - an xAPIC logical destination (flat or cluster, SDM 11.6.2.2) while some remote vCPU is not declared x2APIC:
+//     the remote LDR and DFR are written by the guest on the remote node at run time and are not known here, so the
+//     message cannot be routed correctly: it is dropped and counted in remote_xapic_logical_refused. A guest that
+//     spans nodes must use physical destinations or x2APIC mode (Linux: x2apic, or apic=physflat).
+//   - otherwise it is delivered locally by Deliver().
+// Messages routed elsewhere come back in through Deliver() (fixed, lowest priority already arbitrated and turned
+// into fixed, NMI, INIT, SIPI; also UserIrqchipInjector::Deliver); Deliver never calls the sink and matches only
+// local APICs, so a master may hand the same whole message to every node (a shorthand excludes the sender by its
+// APIC ID in message.source). The remote vCPUs' x2APIC flag is what the VM declares (all vCPUs of a guest that
+// uses x2APIC run it), not tracked at run time. Priority() reports a vCPU's PPR for the master's
+// lowest-priority arbitration.
+//
+// Per-interrupt path: one mutex per LocalApic (the model is single-threaded), no allocation, no logging; the remote
+// table is fixed before the threads start and read without a lock.
+// Not modelled here (counted in UserIrqchipCounters::unsupported_events): SMI and ExtINT deliveries;
 // the guest's CR8 writes are KVM's (it keeps CR8 without an in-kernel LAPIC) and do not reach the model's TPR.
 // TSC-deadline is not advertised; the one-shot / periodic timer fires when the vCPU next exits or halts.
 #pragma once
@@ -66,7 +104,28 @@ struct UserIrqchipCounters {
   uint64_t bad_apic_mmio = 0;       // xAPIC page accesses that are not aligned 32-bit (read 0 / ignored)
   uint64_t foreign_msrs_gp = 0;     // MSR exits for MSRs that are not the APIC's: #GP injected
   uint64_t eoi_broadcasts = 0;      // level-triggered EOIs surfaced as IoapicEoi
-  uint64_t unsupported_events = 0;  // SMI / INIT / SIPI / ExtINT latched by a model and dropped
+  uint64_t unsupported_events = 0;  // SMI / ExtINT latched by a model and dropped
+  uint64_t inits = 0;               // INITs applied (model reset; an AP entered WaitForSipi, the BSP restarted)
+  uint64_t sipis = 0;               // SIPIs that started a vCPU waiting for one
+  uint64_t sipis_ignored = 0;       // SIPIs to a vCPU that was not in WaitForSipi (ignored, as on hardware)
+  uint64_t startups = 0;            // vCPU state loads done on the vCPU thread after a SIPI or a BSP INIT
+  uint64_t remote_ipis = 0;         // ICR sends handed whole to the RemoteIpiSink
+  uint64_t remote_xapic_logical_refused = 0;  // xAPIC logical ICR sends dropped: remote LDR/DFR unknown here
+  uint64_t remote_without_sink = 0; // ICR sends that name a remote vCPU while no sink is set: dropped
+};
+
+/// Distributed VMs (issue 6, item 2): where the user irqchip hands an IPI that may be meant for vCPUs running on
+/// other nodes. Contract (implemented by UserIrqchip::SetRemote): when an ICR message can only name local APICs it
+/// is delivered locally and the sink is not called; when it may name a remote vCPU (a remote physical ID, a logical
+/// destination or shorthand that matches a remote vCPU, a broadcast, any lowest-priority message while remote
+/// vCPUs exist) the WHOLE message goes to the sink and nothing is delivered locally — the master (or, in `direct`
+/// route mode, the owner node) delivers to every destination, local ones included, so nothing arrives twice.
+class RemoteIpiSink {
+ public:
+  virtual ~RemoteIpiSink() = default;
+  /// Called on the sending vCPU's thread with no APIC lock held; `message.source` is the sender's APIC ID. Must not
+  /// block or allocate.
+  virtual void OnRemoteIcr(VcpuIndex source, const irqchip::InterruptMessage& message) = 0;
 };
 
 class UserIrqchip {
@@ -96,9 +155,27 @@ class UserIrqchip {
   void Attach(VcpuIndex index, Vcpu& vcpu, VcpuThread& thread);
   /// The hooks to give vCPU `index`'s VcpuThread.
   VcpuInterruptHooks& hooks(VcpuIndex index);
+  /// vCPU `index` starts in WaitForSipi (an application processor at power-on, SDM 9.4): its thread does not enter
+  /// the guest until a SIPI arrives (from another vCPU's ICR or through Deliver). Before its thread starts.
+  void HoldUntilSipi(VcpuIndex index);
+  /// True while vCPU `index` waits for a SIPI (after HoldUntilSipi or an INIT). Any thread.
+  [[nodiscard]] bool WaitingForSipi(VcpuIndex index) const;
+
+  /// Distributed VMs: `remote` is the addressing of every vCPU of the VM that runs on another node (APIC ID;
+  /// x2apic = the guest runs that vCPU's APIC in x2APIC mode; ldr / dfr_model / enabled are not used, see the header
+  /// comment). ICR sends that may name one of them go whole to `sink` (RemoteIpiSink contract; its `source` is the
+  /// sender's index in this UserIrqchip, i.e. its position in the constructor's `ids`). Before any vCPU thread
+  /// starts; `sink` must outlive the threads. An empty `remote` (the default) routes everything locally.
+  void SetRemote(std::span<const irqchip::ApicAddressing> remote, RemoteIpiSink* sink);
+  /// vCPU `index`'s processor priority (PPR, SDM 11.8.3.1: max(TPR, ISRV class) in 7:4), for the master's
+  /// lowest-priority arbitration. Any thread (takes that APIC's lock).
+  [[nodiscard]] uint8_t Priority(VcpuIndex index) const;
 
   /// The router: accepts `message` on the matching local APICs of this VM and wakes them. Any thread, no APIC lock
-  /// held by the caller. Returns how many APICs accepted it (latched or coalesced into a pending IRR bit).
+  /// held by the caller. Returns how many APICs accepted it (latched or coalesced into a pending IRR bit; a SIPI
+  /// counts only where it started a vCPU). Fixed, lowest priority (arbitrated among the local APICs), NMI, INIT and
+  /// SIPI messages; the destination and shorthand are matched against the local APICs only (never the sink), so a
+  /// message the master routed here is delivered exactly once.
   uint32_t Deliver(const irqchip::InterruptMessage& message);
   /// Decodes an MSI (SDM 11.11; KVM's x2APIC convention: destination bits 31:8 in address_hi) and delivers it.
   /// Unavailable when no APIC accepted it; InvalidArgument when it does not decode.
@@ -117,18 +194,28 @@ class UserIrqchip {
   /// Accepts `message` on `slot` (if it is a destination, when `check_destination`) and wakes the vCPU if that
   /// made something pending. True if accepted.
   bool AcceptOn(Slot& slot, const irqchip::InterruptMessage& message, bool check_destination);
+  /// Where an ICR send of a local vCPU goes (see the header comment).
+  enum class IcrRoute : uint8_t { kLocal, kRemote, kRefusedXapicLogical };
+  [[nodiscard]] IcrRoute ClassifyIcr(const irqchip::InterruptMessage& message) const;
+  /// Routes one ICR send of vCPU `source` (its thread, no lock held).
+  void RouteIcr(uint32_t source, const irqchip::InterruptMessage& message);
 
   irqchip::MonotonicApicClock clock_;
   std::vector<std::unique_ptr<Slot>> slots_;
   std::unique_ptr<AtomicCounters> counters_;
   std::atomic<uint32_t> last_lowest_priority_winner_{0};
+  std::vector<irqchip::ApicAddressing> remote_;  // fixed before the threads start (SetRemote)
+  bool remote_has_xapic_ = false;                // some remote vCPU is not declared x2APIC
+  RemoteIpiSink* remote_sink_ = nullptr;
 };
 
-/// `user` mode's InterruptInjector: an MSI from the host goes through the user irqchip's router.
+/// `user` mode's InterruptInjector: an MSI or a routed message from the host goes through the user irqchip's router.
 class UserIrqchipInjector final : public InterruptInjector {
  public:
   explicit UserIrqchipInjector(UserIrqchip& chip) : chip_(chip) {}
   absl::Status InjectMsi(const MsiMessage& msi) override { return chip_.InjectMsi(msi); }
+  /// Every delivery mode and shorthand, through UserIrqchip::Deliver (local APICs only).
+  absl::Status Deliver(const irqchip::InterruptMessage& message) override;
 
  private:
   UserIrqchip& chip_;
