@@ -35,7 +35,11 @@ TEST(GuestAbi, BootInfoLayoutIsFixed) {
   EXPECT_EQ(offsetof(aggvm_boot_info, ipi_vector), 32u);
   EXPECT_EQ(offsetof(aggvm_boot_info, tsc_khz), 40u);
   EXPECT_EQ(offsetof(aggvm_boot_info, apic_ids), 48u);
-  EXPECT_EQ(sizeof(aggvm_boot_info), 48u + 4u * AGGVM_MAX_VCPUS);
+  // Appended for issue 6 (an older guest ignores them; offsets are also the trampoline's, guest/percpu.h).
+  EXPECT_EQ(offsetof(aggvm_boot_info, dest_kind), 48u + 4u * AGGVM_MAX_VCPUS);
+  EXPECT_EQ(offsetof(aggvm_boot_info, timeout_ms), 320u);
+  EXPECT_EQ(offsetof(aggvm_boot_info, tpr), 336u);
+  EXPECT_EQ(sizeof(aggvm_boot_info), 336u + AGGVM_MAX_VCPUS);
 }
 
 TEST(GuestAbi, FixedAddressesDoNotOverlap) {
@@ -44,6 +48,10 @@ TEST(GuestAbi, FixedAddressesDoNotOverlap) {
   EXPECT_LE(AGGVM_BOOTINFO_GPA + sizeof(aggvm_boot_info), AGGVM_GDT_GPA);
   EXPECT_LT(AGGVM_TSS_GPA, AGGVM_PML4_GPA);
   EXPECT_LE(AGGVM_PML4_GPA + 6u * 4096u, AGGVM_IMAGE_MIN_GPA);
+  // The AP trampoline page sits between the TSS and the page tables, SIPI-addressable (4 KiB aligned, < 1 MiB).
+  EXPECT_EQ(AGGVM_TRAMPOLINE_GPA % 4096u, 0u);
+  EXPECT_GE(AGGVM_TRAMPOLINE_GPA, AGGVM_TSS_GPA + 0x68u);
+  EXPECT_LE(AGGVM_TRAMPOLINE_GPA + AGGVM_TRAMPOLINE_MAX, AGGVM_PML4_GPA);
 }
 
 std::vector<char> ReadFile(const std::string& path) {
@@ -113,6 +121,24 @@ TEST_F(ProbeGuestElf, EntryPointIsInAnExecutableLoadSegment) {
     }
   }
   EXPECT_TRUE(found) << "entry " << header_.e_entry << " is outside every loaded byte";
+}
+
+// The image header the VMM reads at entry + 8 names an AP trampoline inside the loaded bytes, at most one page.
+TEST_F(ProbeGuestElf, ImageHeaderNamesTheTrampoline) {
+  const uint64_t at = header_.e_entry + AGGVM_IMAGE_HEADER_OFFSET;
+  const Elf64_Phdr* seg = nullptr;
+  for (const auto& ph : loads_) {
+    if (at >= ph.p_vaddr && at + 16 <= ph.p_vaddr + ph.p_filesz) seg = &ph;
+  }
+  ASSERT_NE(seg, nullptr);
+  const size_t off = seg->p_offset + (at - seg->p_vaddr);
+  EXPECT_EQ(At<uint32_t>(image_, off), AGGVM_IMAGE_HEADER_MAGIC);
+  const uint32_t gpa = At<uint32_t>(image_, off + 4);
+  const uint32_t size = At<uint32_t>(image_, off + 8);
+  EXPECT_GT(size, 16u);
+  EXPECT_LE(size, AGGVM_TRAMPOLINE_MAX);
+  EXPECT_TRUE(gpa >= seg->p_vaddr && gpa + size <= seg->p_vaddr + seg->p_filesz) << "trampoline at " << gpa;
+  EXPECT_EQ(static_cast<uint8_t>(image_[off - AGGVM_IMAGE_HEADER_OFFSET]), 0xEB) << "entry starts with a short jump";
 }
 
 }  // namespace

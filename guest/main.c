@@ -29,7 +29,10 @@ struct percpu {
   uint32_t icr_hi;
   uint32_t x2apic;
   uint32_t index;
-  uint8_t pad[PC_SIZE - 136];
+  volatile uint32_t nmi_count;
+  uint8_t pad0[PC_SEEN - 140];
+  volatile uint64_t seen[4];
+  struct aggvm_record nmi_rec;
 };
 _Static_assert(offsetof(struct percpu, main_rec) == PC_MAIN_REC, "percpu layout");
 _Static_assert(offsetof(struct percpu, irq_rec) == PC_IRQ_REC, "percpu layout");
@@ -41,6 +44,18 @@ _Static_assert(offsetof(struct percpu, icr_lo) == PC_ICR_LO, "percpu layout");
 _Static_assert(offsetof(struct percpu, icr_hi) == PC_ICR_HI, "percpu layout");
 _Static_assert(offsetof(struct percpu, x2apic) == PC_X2APIC, "percpu layout");
 _Static_assert(offsetof(struct percpu, index) == PC_INDEX, "percpu layout");
+_Static_assert(offsetof(struct percpu, nmi_count) == PC_NMI_COUNT, "percpu layout");
+_Static_assert(offsetof(struct percpu, seen) == PC_SEEN, "percpu layout");
+_Static_assert(offsetof(struct percpu, nmi_rec) == PC_NMI_REC, "percpu layout");
+_Static_assert(GUEST_IMAGE_HEADER_OFFSET == AGGVM_IMAGE_HEADER_OFFSET, "entry.S copy");
+_Static_assert(GUEST_IMAGE_HEADER_MAGIC == AGGVM_IMAGE_HEADER_MAGIC, "entry.S copy");
+_Static_assert(GUEST_TRAMPOLINE_GPA == AGGVM_TRAMPOLINE_GPA, "entry.S copy");
+_Static_assert(GUEST_BOOTINFO_GPA == AGGVM_BOOTINFO_GPA, "entry.S copy");
+_Static_assert(GUEST_GDT_GPA == AGGVM_GDT_GPA, "entry.S copy");
+_Static_assert(GUEST_PML4_GPA == AGGVM_PML4_GPA, "entry.S copy");
+_Static_assert(GUEST_BI_NUM_VCPUS == offsetof(struct aggvm_boot_info, num_vcpus), "entry.S copy");
+_Static_assert(GUEST_BI_APIC_IDS == offsetof(struct aggvm_boot_info, apic_ids), "entry.S copy");
+_Static_assert(AGGVM_VEC_READY_BASE % 64 == 0 && AGGVM_VEC_ANSWER_BASE % 64 == 0, "one seen[] word per range");
 _Static_assert(sizeof(struct percpu) == PC_SIZE, "percpu layout");
 
 struct vcpu_area {
@@ -66,13 +81,10 @@ struct idt_pointer {
 /* One IDT per vCPU: the ping-pong workload points its IPI vector at a different handler on each side. */
 static struct idt_gate idts[AGGVM_MAX_VCPUS + 1][256] __attribute__((aligned(4096)));
 
-/* ipi-pingpong: set by the pong vCPU once its LAPIC and handler are ready, so the first ping is not dropped by a
-   still software-disabled APIC (SDM Vol. 3A 11.4.7.2). */
-static volatile uint32_t pong_ready;
-
 extern char aggvm_isr_stubs[];
 extern char aggvm_ping_handler[];
 extern char aggvm_pong_handler[];
+extern char aggvm_nmi_handler[];
 
 /* ---- instructions ---- */
 
@@ -257,9 +269,23 @@ static uint32_t lapic_enable(struct percpu *pc, int x2apic) {
   return mmio_read32(LAPIC_XAPIC_ID) >> 24;
 }
 
-/* Fixed IPI, physical destination, edge (SDM Vol. 3A 11.6.1); the handlers and send_ipi share these ICR values. */
+/* ICR low dword (SDM Vol. 3A 11.6.1, figure 11-12): vector 7:0, delivery mode 10:8, destination mode 11, level 14,
+   trigger mode 15 (0 = edge), destination shorthand 19:18. The destination is ICR[63:56] in xAPIC mode (11.6.1) and
+   ICR[63:32] in x2APIC mode (11.12.9). */
+#define ICR_LOWEST (1u << 8)
+#define ICR_NMI (4u << 8)
+#define ICR_INIT (5u << 8)
+#define ICR_STARTUP (6u << 8)
+#define ICR_LOGICAL (1u << 11)
+#define ICR_ASSERT (1u << 14)
+#define ICR_ALL_INCLUDING_SELF (2u << 18)
+#define ICR_ALL_EXCLUDING_SELF (3u << 18)
+#define MSR_X2APIC_TPR 0x808
+#define LAPIC_XAPIC_TPR 0x80
+
+/* Fixed IPI, physical destination, edge; the handlers and send_ipi share these ICR values. */
 static void prepare_ipi(struct percpu *pc, uint32_t dest_apic_id, uint32_t vector) {
-  pc->icr_lo = vector | (1u << 14) /* level = assert */;
+  pc->icr_lo = vector | ICR_ASSERT;
   pc->icr_hi = pc->x2apic ? dest_apic_id : dest_apic_id << 24;
 }
 static void send_ipi(const struct percpu *pc) {
@@ -270,6 +296,111 @@ static void send_ipi(const struct percpu *pc) {
     mmio_write32(LAPIC_XAPIC_ICR_LO, pc->icr_lo);
   }
 }
+/* Any IPI from the main line (interrupts off). xAPIC: ICR high first, the write of ICR low sends. */
+static void send_icr(const struct percpu *pc, uint32_t lo, uint32_t dest) {
+  if (pc->x2apic) {
+    wrmsr(LAPIC_X2APIC_MSR_ICR, ((uint64_t)dest << 32) | lo);
+  } else {
+    mmio_write32(LAPIC_XAPIC_ICR_HI, dest << 24);
+    mmio_write32(LAPIC_XAPIC_ICR_LO, lo);
+  }
+}
+static void send_fixed(const struct percpu *pc, uint32_t dest_apic_id, uint32_t vector) {
+  send_icr(pc, vector | ICR_ASSERT, dest_apic_id);
+}
+static void set_tpr(const struct percpu *pc, uint32_t tpr) {
+  if (pc->x2apic) {
+    wrmsr(MSR_X2APIC_TPR, tpr);
+  } else {
+    mmio_write32(LAPIC_XAPIC_TPR, tpr);
+  }
+}
+
+/* ---- waiting and the warm-up handshake ---- */
+
+/* The main line runs with interrupts off; irq_common sets bit v of pc->seen for every vector v it takes. */
+static int seen(const struct percpu *pc, uint32_t v) { return (int)((pc->seen[v / 64] >> (v % 64)) & 1); }
+static void clear_seen(struct percpu *pc, uint32_t v) { pc->seen[v / 64] &= ~(1ull << (v % 64)); }
+static uint32_t popcount64(uint64_t x) {
+  uint32_t n = 0;
+  for (; x; x &= x - 1) ++n; /* no libgcc here: __builtin_popcountll would call __popcountdi2 */
+  return n;
+}
+
+static uint64_t ticks_per_ms(const struct aggvm_boot_info *bi) { return bi->tsc_khz ? bi->tsc_khz : 2000000; }
+static uint64_t deadline_after_timeout(const struct aggvm_boot_info *bi) {
+  return rdtsc() + (uint64_t)(bi->timeout_ms ? bi->timeout_ms : 10000) * ticks_per_ms(bi);
+}
+
+/* LAPIC timer (SDM Vol. 3A 11.5.4): one-shot, divide by 1. KVM's APIC bus and the user irqchip's both tick once per
+   nanosecond, so the initial count is in ns. Waiting is `sti; hlt` woken by the answer or by this timer: a busy
+   `sti; pause; cli` loop does not let interrupts in reliably here (the emulated CPL0 code rarely exits while the
+   one-instruction IF window is open). */
+#define LAPIC_XAPIC_LVT_TIMER 0x320
+#define LAPIC_XAPIC_TMICT 0x380
+#define LAPIC_XAPIC_TDCR 0x3e0
+static void lapic_write(const struct percpu *pc, uint32_t xapic_offset, uint32_t v) {
+  if (pc->x2apic) {
+    wrmsr(0x800 + (xapic_offset >> 4), v); /* x2APIC MSR = 0x800 + offset / 16 (SDM Vol. 3A 11.12.1.2) */
+  } else {
+    mmio_write32(xapic_offset, v);
+  }
+}
+static void timer_setup(const struct percpu *pc) {
+  lapic_write(pc, LAPIC_XAPIC_TDCR, 0xb); /* divide by 1 */
+  lapic_write(pc, LAPIC_XAPIC_LVT_TIMER, AGGVM_VEC_TIMER); /* one-shot, not masked */
+}
+/* Arms the one-shot timer to fire at about `deadline` (rdtsc), at most ~`max_ns` from now. */
+static void arm_timer(const struct percpu *pc, const struct aggvm_boot_info *bi, uint64_t deadline, uint64_t max_ns) {
+  const uint64_t now = rdtsc();
+  uint64_t ns = now >= deadline ? 0 : (deadline - now) * 1000000ull / ticks_per_ms(bi);
+  if (ns > max_ns) ns = max_ns;
+  lapic_write(pc, LAPIC_XAPIC_TMICT, (uint32_t)ns + 1);
+}
+static void disarm_timer(const struct percpu *pc) { lapic_write(pc, LAPIC_XAPIC_TMICT, 0); }
+/* Sleeps until any interrupt or until `deadline` (rdtsc), at most ~1 ms. Interrupts off before and after. A timer
+   interrupt that fires later is only an IRQ record of AGGVM_VEC_TIMER. */
+static void nap_until(const struct percpu *pc, const struct aggvm_boot_info *bi, uint64_t deadline) {
+  if (rdtsc() >= deadline) return;
+  arm_timer(pc, bi, deadline, 1000000);
+  wait_for_interrupt();
+}
+static void delay_ticks(const struct percpu *pc, const struct aggvm_boot_info *bi, uint64_t ticks) {
+  const uint64_t end = rdtsc() + ticks;
+  while (rdtsc() < end) nap_until(pc, bi, end);
+}
+
+static uint64_t vcpu_mask(uint32_t n) { return n >= 64 ? ~0ull : (1ull << n) - 1; }
+
+/* Sender side: until every vCPU j in `peers` answered with AGGVM_VEC_READY_BASE + j, send AGGVM_VEC_WARMUP to the
+   ones still missing every ~1 ms. A peer whose vCPU has not started yet (another node, seconds later) has a
+   software-disabled LAPIC, which drops the warm-up (SDM Vol. 3A 11.4.7.2); a later one gets through. Late and
+   duplicate READY answers only set the same seen[] bit again: they never count for anything else. */
+static void handshake(struct percpu *pc, const struct aggvm_boot_info *bi, uint64_t peers) {
+  const uint64_t give_up = deadline_after_timeout(bi);
+  const uint64_t period = ticks_per_ms(bi);
+  for (;;) {
+    const uint64_t missing = peers & ~pc->seen[AGGVM_VEC_READY_BASE / 64];
+    if (!missing) {
+      disarm_timer(pc); /* no stray timer interrupt in the first timed round */
+      return;
+    }
+    const uint64_t now = rdtsc();
+    if (now > give_up) fail(pc, AGGVM_GERR_TIMEOUT, missing, 1);
+    for (uint32_t j = 0; j < bi->num_vcpus; ++j) {
+      if ((missing >> j) & 1) send_fixed(pc, bi->apic_ids[j], AGGVM_VEC_WARMUP);
+    }
+    while ((peers & ~pc->seen[AGGVM_VEC_READY_BASE / 64]) && rdtsc() < now + period) nap_until(pc, bi, now + period);
+  }
+}
+
+/* Responder side: a warm-up came (irq_common recorded it): answer READY_BASE + own index. Interrupts off. */
+static void answer_warmup(struct percpu *pc, uint32_t sender_apic_id) {
+  if (seen(pc, AGGVM_VEC_WARMUP)) {
+    clear_seen(pc, AGGVM_VEC_WARMUP);
+    send_fixed(pc, sender_apic_id, AGGVM_VEC_READY_BASE + pc->index);
+  }
+}
 
 /* ---- workloads ---- */
 
@@ -277,17 +408,24 @@ static void say_hello(struct percpu *pc, uint32_t apic_id) {
   send_record(&pc->main_rec, AGGVM_REC_HELLO, apic_id, rdtsc(), 0);
 }
 
+/* ipi-pingpong. The pong answers pings from its handler (aggvm_pong_handler) and warm-ups from its main line; the
+   ping first completes the warm-up handshake, so no round starts before the pong can answer it. */
 static __attribute__((noreturn)) void run_pingpong(struct percpu *pc, const struct aggvm_boot_info *bi) {
   uint32_t iterations = bi->iterations;
+  const uint32_t ping_apic = bi->apic_ids[bi->ping_vcpu];
   if (pc->index == bi->pong_vcpu) {
-    prepare_ipi(pc, bi->apic_ids[bi->ping_vcpu], bi->ipi_vector);
-    pong_ready = 1;
-    while (pc->pong_count < iterations) wait_for_interrupt();
+    prepare_ipi(pc, ping_apic, bi->ipi_vector);
+    for (;;) {
+      answer_warmup(pc, ping_apic);
+      if (pc->pong_count >= iterations) break;
+      wait_for_interrupt();
+    }
     done(0);
     idle_forever();
   }
   prepare_ipi(pc, bi->apic_ids[bi->pong_vcpu], bi->ipi_vector);
-  while (!pong_ready) __asm__ volatile("pause" : : : "memory");
+  timer_setup(pc);
+  handshake(pc, bi, 1ull << bi->pong_vcpu);
   for (uint32_t round = 0; round < iterations; ++round) {
     pc->ping_flag = 0;
     uint64_t sent = rdtsc();
@@ -295,6 +433,135 @@ static __attribute__((noreturn)) void run_pingpong(struct percpu *pc, const stru
     while (!pc->ping_flag) wait_for_interrupt();
     send_record(&pc->main_rec, AGGVM_REC_PING_ROUND, round, sent, pc->ping_tsc);
   }
+  done(0);
+  idle_forever();
+}
+
+/* nmi: as ipi-pingpong with an NMI as the ping; the pong's NMI handler (aggvm_nmi_handler) records and answers. */
+static __attribute__((noreturn)) void run_nmi(struct percpu *pc, const struct aggvm_boot_info *bi, uint32_t apic_id) {
+  const uint32_t ping_apic = bi->apic_ids[bi->ping_vcpu];
+  const uint32_t pong_apic = bi->apic_ids[bi->pong_vcpu];
+  if (pc->index == bi->pong_vcpu) {
+    prepare_ipi(pc, ping_apic, bi->ipi_vector); /* the NMI handler's answer */
+    say_hello(pc, apic_id);
+    done(0); /* ready; the NMI records follow */
+    for (;;) {
+      answer_warmup(pc, ping_apic);
+      wait_for_interrupt();
+    }
+  }
+  timer_setup(pc);
+  handshake(pc, bi, 1ull << bi->pong_vcpu);
+  for (uint32_t round = 0; round < bi->iterations; ++round) {
+    pc->ping_flag = 0;
+    uint64_t sent = rdtsc();
+    send_icr(pc, ICR_NMI | ICR_ASSERT, pong_apic);
+    while (!pc->ping_flag) wait_for_interrupt();
+    send_record(&pc->main_rec, AGGVM_REC_PING_ROUND, round, sent, pc->ping_tsc);
+  }
+  done(0);
+  idle_forever();
+}
+
+/* ipi-broadcast and lowest-priority: recipients answer ANSWER_BASE + index; the sender counts distinct answers. */
+static __attribute__((noreturn)) void run_broadcast(struct percpu *pc, const struct aggvm_boot_info *bi,
+                                                    uint32_t apic_id, int lowest) {
+  const uint32_t sender = bi->ping_vcpu;
+  const uint32_t sender_apic = bi->apic_ids[sender];
+  const uint32_t vector = bi->ipi_vector;
+  if (lowest) set_tpr(pc, bi->tpr[pc->index]);
+  if (pc->index != sender) {
+    say_hello(pc, apic_id);
+    done(0); /* ready; keeps answering */
+    for (;;) {
+      answer_warmup(pc, sender_apic);
+      if (seen(pc, vector)) {
+        clear_seen(pc, vector);
+        send_fixed(pc, sender_apic, AGGVM_VEC_ANSWER_BASE + pc->index);
+      }
+      wait_for_interrupt();
+    }
+  }
+  uint32_t lo = vector | ICR_ASSERT | (lowest ? ICR_LOWEST : 0);
+  uint32_t dest = 0;
+  switch (bi->dest_kind) {
+    case AGGVM_DEST_ALL_EXCLUDING_SELF:
+      lo |= ICR_ALL_EXCLUDING_SELF;
+      break;
+    case AGGVM_DEST_ALL_INCLUDING_SELF:
+      lo |= ICR_ALL_INCLUDING_SELF;
+      break;
+    case AGGVM_DEST_PHYSICAL_BROADCAST:
+      dest = pc->x2apic ? 0xffffffffu : 0xffu;
+      break;
+    default: /* AGGVM_DEST_X2APIC_LOGICAL, checked in guest_main */
+      lo |= ICR_LOGICAL;
+      dest = bi->dest;
+      break;
+  }
+  say_hello(pc, apic_id);
+  timer_setup(pc);
+  handshake(pc, bi, vcpu_mask(bi->num_vcpus) & ~(1ull << sender));
+  const uint64_t answers_word = AGGVM_VEC_ANSWER_BASE / 64;
+  for (uint32_t round = 0; round < bi->iterations; ++round) {
+    pc->seen[answers_word] = 0;
+    clear_seen(pc, AGGVM_VEC_TIMER);
+    const uint64_t give_up = deadline_after_timeout(bi);
+    /* One timer write per round (an exit in user mode), not one per wake-up: it only bounds a lost answer. */
+    arm_timer(pc, bi, give_up, 0xfffffffeull);
+    const uint64_t sent = rdtsc();
+    send_icr(pc, lo, dest);
+    while (popcount64(pc->seen[answers_word]) < bi->expected_answers) {
+      if (seen(pc, vector)) { /* the sender is among the recipients: it answers itself */
+        clear_seen(pc, vector);
+        send_fixed(pc, apic_id, AGGVM_VEC_ANSWER_BASE + pc->index);
+      }
+      if (rdtsc() > give_up) fail(pc, AGGVM_GERR_TIMEOUT, pc->seen[answers_word], 2);
+      if (seen(pc, AGGVM_VEC_TIMER)) {
+        clear_seen(pc, AGGVM_VEC_TIMER);
+        arm_timer(pc, bi, give_up, 0xfffffffeull);
+      }
+      wait_for_interrupt();
+    }
+    send_record(&pc->main_rec, AGGVM_REC_BCAST_ROUND, round, sent, rdtsc());
+  }
+  done(0);
+  idle_forever();
+}
+
+/* ipi-nowhere: IPIs to an APIC ID no vCPU has; the VMM counts the drops. */
+static __attribute__((noreturn)) void run_nowhere(struct percpu *pc, const struct aggvm_boot_info *bi) {
+  if (pc->index == bi->ping_vcpu) {
+    for (uint32_t i = 0; i < bi->iterations; ++i) send_fixed(pc, bi->nowhere_apic_id, bi->ipi_vector);
+    put_str("sent ");
+    put_dec(bi->iterations);
+    put_str(" IPIs to APIC ID ");
+    put_dec(bi->nowhere_apic_id);
+    put_str("\n");
+  }
+  done(0);
+  idle_forever();
+}
+
+/* ap-bringup, vCPU 0 (the BSP): INIT, ~10 ms, SIPI, ~200 us, SIPI to every AP (SDM Vol. 3A 9.4.4.1), then wait for
+   each AP's "I'm up" IPI (READY_BASE + its index). */
+static __attribute__((noreturn)) void run_bringup_bsp(struct percpu *pc, const struct aggvm_boot_info *bi) {
+  const uint64_t aps = vcpu_mask(bi->num_vcpus) & ~1ull;
+  const uint32_t sipi = ICR_STARTUP | (AGGVM_TRAMPOLINE_GPA >> 12);
+  const uint64_t ms = ticks_per_ms(bi);
+  timer_setup(pc);
+  const uint64_t first_init = rdtsc();
+  for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, ICR_INIT | ICR_ASSERT, bi->apic_ids[j]);
+  delay_ticks(pc, bi, 10 * ms);
+  for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, sipi, bi->apic_ids[j]);
+  delay_ticks(pc, bi, ms / 5);
+  for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, sipi, bi->apic_ids[j]);
+  const uint64_t give_up = deadline_after_timeout(bi);
+  while ((aps & ~pc->seen[AGGVM_VEC_READY_BASE / 64]) && rdtsc() < give_up) nap_until(pc, bi, give_up);
+  disarm_timer(pc);
+  const uint64_t up = aps & pc->seen[AGGVM_VEC_READY_BASE / 64];
+  send_record(&pc->main_rec, AGGVM_REC_AP_UP, up | 1, first_init, rdtsc());
+  if (up != aps) fail(pc, AGGVM_GERR_TIMEOUT, aps & ~up, 3);
   done(0);
   idle_forever();
 }
@@ -324,6 +591,48 @@ static __attribute__((noreturn)) void survived(const char *what) {
   halt_forever();
 }
 
+/* A vector a workload may use for its own IPIs: 32..254 (0xFF is the spurious vector, whose stub does no EOI) and
+   none of the handshake vectors of the vCPUs taking part. */
+static int valid_ipi_vector(uint32_t v, uint32_t num_vcpus) {
+  if (v < 32 || v >= AGGVM_SPURIOUS_VECTOR || v == AGGVM_VEC_WARMUP || v == AGGVM_VEC_TIMER) return 0;
+  if (v >= AGGVM_VEC_READY_BASE && v < AGGVM_VEC_READY_BASE + num_vcpus) return 0;
+  if (v >= AGGVM_VEC_ANSWER_BASE && v < AGGVM_VEC_ANSWER_BASE + num_vcpus) return 0;
+  return 1;
+}
+
+/* The BootInfo fields of the chosen workload. The VMM checks the same (node-agent/probe_vm.cc) with messages. */
+static int valid_parameters(const struct aggvm_boot_info *bi) {
+  const uint32_t n = bi->num_vcpus;
+  const int x2apic = (bi->flags & AGGVM_BOOT_X2APIC) != 0;
+  switch (bi->workload) {
+    case AGGVM_WORKLOAD_IPI_PINGPONG:
+    case AGGVM_WORKLOAD_NMI:
+      return bi->ping_vcpu < n && bi->pong_vcpu < n && bi->ping_vcpu != bi->pong_vcpu &&
+             valid_ipi_vector(bi->ipi_vector, n);
+    case AGGVM_WORKLOAD_IPI_BROADCAST:
+    case AGGVM_WORKLOAD_LOWEST_PRIORITY:
+      if (bi->ping_vcpu >= n || n > AGGVM_MAX_ANSWER_VCPUS || !valid_ipi_vector(bi->ipi_vector, n)) return 0;
+      if (bi->expected_answers > n) return 0;
+      if (bi->workload == AGGVM_WORKLOAD_LOWEST_PRIORITY) {
+        for (uint32_t i = 0; i < n; ++i) {
+          if ((bi->tpr[i] >> 4) >= (bi->ipi_vector >> 4)) return 0; /* would block the IPI (SDM 11.8.3.1) */
+        }
+        return x2apic && bi->dest_kind == AGGVM_DEST_X2APIC_LOGICAL;
+      }
+      return (bi->dest_kind >= AGGVM_DEST_ALL_EXCLUDING_SELF && bi->dest_kind <= AGGVM_DEST_PHYSICAL_BROADCAST) ||
+             (x2apic && bi->dest_kind == AGGVM_DEST_X2APIC_LOGICAL);
+    case AGGVM_WORKLOAD_IPI_NOWHERE:
+      for (uint32_t i = 0; i < n; ++i) {
+        if (bi->apic_ids[i] == bi->nowhere_apic_id) return 0;
+      }
+      return bi->ping_vcpu < n && valid_ipi_vector(bi->ipi_vector, n) && (x2apic || bi->nowhere_apic_id < 0xff);
+    case AGGVM_WORKLOAD_AP_BRINGUP:
+      return 1;
+    default:
+      return 1;
+  }
+}
+
 static int valid_workload(uint32_t w) {
   switch (w) {
     case AGGVM_WORKLOAD_HELLO:
@@ -331,6 +640,11 @@ static int valid_workload(uint32_t w) {
     case AGGVM_WORKLOAD_IRQ_SINK:
     case AGGVM_WORKLOAD_SPIN:
     case AGGVM_WORKLOAD_EXIT_LOOP:
+    case AGGVM_WORKLOAD_IPI_BROADCAST:
+    case AGGVM_WORKLOAD_NMI:
+    case AGGVM_WORKLOAD_IPI_NOWHERE:
+    case AGGVM_WORKLOAD_LOWEST_PRIORITY:
+    case AGGVM_WORKLOAD_AP_BRINGUP:
     case AGGVM_WORKLOAD_BAD_PORT:
     case AGGVM_WORKLOAD_UNMAPPED:
     case AGGVM_WORKLOAD_TRIPLE_FAULT:
@@ -344,12 +658,13 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t boot_info_gpa
   uint64_t slot = index < AGGVM_MAX_VCPUS ? index : AGGVM_MAX_VCPUS;
   struct percpu *pc = &aggvm_vcpu_areas[slot].pc;
   pc->index = (uint32_t)index;
-  struct aggvm_record *recs[3] = {&pc->main_rec, &pc->irq_rec, &pc->exc_rec};
-  for (int i = 0; i < 3; ++i) {
+  struct aggvm_record *recs[4] = {&pc->main_rec, &pc->irq_rec, &pc->exc_rec, &pc->nmi_rec};
+  for (int i = 0; i < 4; ++i) {
     recs[i]->magic = AGGVM_RECORD_MAGIC;
     recs[i]->vcpu = (uint32_t)index;
   }
   pc->irq_rec.type = AGGVM_REC_IRQ; /* irq_common fills a and b, and increments c (the sequence number) */
+  pc->nmi_rec.type = AGGVM_REC_NMI; /* aggvm_nmi_handler fills a and b */
   struct idt_gate *idt = idts[slot];
   load_idt(idt);
 
@@ -363,13 +678,7 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t boot_info_gpa
   uart_console = (bi->flags & AGGVM_BOOT_UART_CONSOLE) != 0;
   uint32_t workload = bi->workload;
   if (!valid_workload(workload)) fail(pc, AGGVM_GERR_BAD_WORKLOAD, workload, 0);
-  if (workload == AGGVM_WORKLOAD_IPI_PINGPONG) {
-    /* 0xFF is the spurious vector (its stub does no EOI), so the IPI vector is 32..254. */
-    if (bi->ping_vcpu >= bi->num_vcpus || bi->pong_vcpu >= bi->num_vcpus || bi->ping_vcpu == bi->pong_vcpu)
-      fail(pc, AGGVM_GERR_BAD_WORKLOAD, workload, ((uint64_t)bi->ping_vcpu << 32) | bi->pong_vcpu);
-    if (bi->ipi_vector < 32 || bi->ipi_vector >= AGGVM_SPURIOUS_VECTOR)
-      fail(pc, AGGVM_GERR_BAD_WORKLOAD, workload, bi->ipi_vector);
-  }
+  if (!valid_parameters(bi)) fail(pc, AGGVM_GERR_BAD_WORKLOAD, workload, ((uint64_t)bi->ping_vcpu << 32) | bi->pong_vcpu);
 
   switch (workload) {
     case AGGVM_WORKLOAD_BAD_PORT:
@@ -407,6 +716,29 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t boot_info_gpa
       set_gate(idt, bi->ipi_vector,
                (uintptr_t)(index == bi->ping_vcpu ? aggvm_ping_handler : aggvm_pong_handler));
       run_pingpong(pc, bi);
+    case AGGVM_WORKLOAD_NMI:
+      if (index != bi->ping_vcpu && index != bi->pong_vcpu) {
+        done(0);
+        idle_forever();
+      }
+      if (index == bi->ping_vcpu) {
+        set_gate(idt, bi->ipi_vector, (uintptr_t)aggvm_ping_handler);
+      } else {
+        set_gate(idt, 2, (uintptr_t)aggvm_nmi_handler);
+      }
+      run_nmi(pc, bi, apic_id);
+    case AGGVM_WORKLOAD_IPI_BROADCAST:
+      run_broadcast(pc, bi, apic_id, 0);
+    case AGGVM_WORKLOAD_LOWEST_PRIORITY:
+      run_broadcast(pc, bi, apic_id, 1);
+    case AGGVM_WORKLOAD_IPI_NOWHERE:
+      run_nowhere(pc, bi);
+    case AGGVM_WORKLOAD_AP_BRINGUP:
+      say_hello(pc, apic_id);
+      if (index == 0) run_bringup_bsp(pc, bi);
+      send_fixed(pc, bi->apic_ids[0], AGGVM_VEC_READY_BASE + (uint32_t)index); /* "I'm up" */
+      done(0);
+      idle_forever();
     case AGGVM_WORKLOAD_IRQ_SINK:
       say_hello(pc, apic_id); /* ready: IDT loaded, LAPIC enabled */
       idle_forever();

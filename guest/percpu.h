@@ -24,7 +24,10 @@
 #define PC_ICR_HI 124      /* u32: x2APIC: destination APIC ID; xAPIC: destination << 24 */
 #define PC_X2APIC 128      /* u32: 1 when the LAPIC is in x2APIC mode (EOI by MSR), 0 for xAPIC MMIO */
 #define PC_INDEX 132       /* u32: vCPU index */
-#define PC_SIZE 192
+#define PC_NMI_COUNT 136   /* u32: NMIs taken (nmi workload, pong side) */
+#define PC_SEEN 192        /* 256-bit bitmap: vectors taken by irq_common since the main line last cleared them */
+#define PC_NMI_REC 224     /* record used by the NMI handler (header prefilled: magic, type NMI, vcpu) */
+#define PC_SIZE 256
 
 /* LAPIC registers (SDM Vol. 3A 11.4.1 table 11-1 for xAPIC offsets, 11.12.1.2 table 11-6 for x2APIC MSRs). */
 #define LAPIC_XAPIC_BASE 0xfee00000
@@ -39,5 +42,13 @@
 /* Copies of abi.h values for entry.S (abi.h is C only); main.c checks that they match. */
 #define GUEST_PORT_RECORD 0x0a61
 #define GUEST_MAX_VCPUS 64
+#define GUEST_IMAGE_HEADER_OFFSET 8
+#define GUEST_IMAGE_HEADER_MAGIC 0x48494741
+#define GUEST_TRAMPOLINE_GPA 0x8000
+#define GUEST_BOOTINFO_GPA 0x6000
+#define GUEST_GDT_GPA 0x7000
+#define GUEST_PML4_GPA 0x9000
+#define GUEST_BI_NUM_VCPUS 8   /* offsetof(struct aggvm_boot_info, num_vcpus) */
+#define GUEST_BI_APIC_IDS 48   /* offsetof(struct aggvm_boot_info, apic_ids) */
 
 #endif /* AGGVM_GUEST_PERCPU_H */

@@ -1,6 +1,9 @@
 #include "node-agent/probe_vm.h"
 
 #include <linux/kvm.h>
+#include <sys/ioctl.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <array>
@@ -13,6 +16,7 @@
 
 #include "common/clock.h"
 #include "vcpu/elf_loader.h"
+#include "vcpu/errno_status.h"
 #include "vcpu/long_mode.h"
 
 namespace aggvm::agent {
@@ -67,7 +71,7 @@ struct ProbeVm::VcpuLog {
   BoundedLog<Vector> eois;
   std::atomic<uint64_t> nop_exits{0};
   // Valid records received per type, stored or dropped (WaitForRecords counts these). Index = aggvm_record_type.
-  std::array<std::atomic<uint64_t>, guest::AGGVM_REC_EXIT_ROUND + 1> received{};
+  std::array<std::atomic<uint64_t>, guest::AGGVM_REC_LAST + 1> received{};
 };
 
 namespace {
@@ -82,6 +86,10 @@ std::string GuestErrorText(const Record& r) {
       return fmt::format("took exception vector {} at RIP {:#x}", r.b, r.c);
     case guest::AGGVM_GERR_NO_APIC:
       return fmt::format("found no usable local APIC (details {:#x}, {:#x})", r.b, r.c);
+    case guest::AGGVM_GERR_TIMEOUT:
+      return fmt::format("timed out in step {} (1 = warm-up handshake, 2 = round answers, 3 = AP bring-up) still "
+                         "missing {:#x} (bitmask of vCPUs / answers)",
+                         r.c, r.b);
     default:
       return fmt::format("reported error code {} (details {:#x}, {:#x})", r.a, r.b, r.c);
   }
@@ -91,17 +99,174 @@ std::string GuestErrorText(const Record& r) {
 
 absl::StatusOr<guest::aggvm_workload> ParseWorkload(std::string_view name) {
   static constexpr std::pair<std::string_view, guest::aggvm_workload> kNames[] = {
-      {"hello", guest::AGGVM_WORKLOAD_HELLO},         {"ipi-pingpong", guest::AGGVM_WORKLOAD_IPI_PINGPONG},
-      {"irq-sink", guest::AGGVM_WORKLOAD_IRQ_SINK},   {"spin", guest::AGGVM_WORKLOAD_SPIN},
-      {"exit-loop", guest::AGGVM_WORKLOAD_EXIT_LOOP}, {"bad-port", guest::AGGVM_WORKLOAD_BAD_PORT},
-      {"unmapped", guest::AGGVM_WORKLOAD_UNMAPPED},   {"triple-fault", guest::AGGVM_WORKLOAD_TRIPLE_FAULT},
+      {"hello", guest::AGGVM_WORKLOAD_HELLO},
+      {"ipi-pingpong", guest::AGGVM_WORKLOAD_IPI_PINGPONG},
+      {"irq-sink", guest::AGGVM_WORKLOAD_IRQ_SINK},
+      {"spin", guest::AGGVM_WORKLOAD_SPIN},
+      {"exit-loop", guest::AGGVM_WORKLOAD_EXIT_LOOP},
+      {"ipi-broadcast", guest::AGGVM_WORKLOAD_IPI_BROADCAST},
+      {"nmi", guest::AGGVM_WORKLOAD_NMI},
+      {"ipi-nowhere", guest::AGGVM_WORKLOAD_IPI_NOWHERE},
+      {"lowest-priority", guest::AGGVM_WORKLOAD_LOWEST_PRIORITY},
+      {"ap-bringup", guest::AGGVM_WORKLOAD_AP_BRINGUP},
+      {"bad-port", guest::AGGVM_WORKLOAD_BAD_PORT},
+      {"unmapped", guest::AGGVM_WORKLOAD_UNMAPPED},
+      {"triple-fault", guest::AGGVM_WORKLOAD_TRIPLE_FAULT},
   };
   for (const auto& [n, w] : kNames) {
     if (n == name) return w;
   }
   return absl::InvalidArgumentError(fmt::format(
-      "unknown workload '{}' (hello, ipi-pingpong, irq-sink, spin, exit-loop, bad-port, unmapped, triple-fault)", name));
+      "unknown workload '{}' (hello, ipi-pingpong, irq-sink, spin, exit-loop, ipi-broadcast, nmi, ipi-nowhere, "
+      "lowest-priority, ap-bringup, bad-port, unmapped, triple-fault)",
+      name));
 }
+
+absl::StatusOr<guest::aggvm_dest_kind> ParseDestKind(std::string_view name) {
+  static constexpr std::pair<std::string_view, guest::aggvm_dest_kind> kNames[] = {
+      {"all-excluding-self", guest::AGGVM_DEST_ALL_EXCLUDING_SELF},
+      {"all-including-self", guest::AGGVM_DEST_ALL_INCLUDING_SELF},
+      {"physical-broadcast", guest::AGGVM_DEST_PHYSICAL_BROADCAST},
+      {"x2apic-logical", guest::AGGVM_DEST_X2APIC_LOGICAL},
+  };
+  for (const auto& [n, k] : kNames) {
+    if (n == name) return k;
+  }
+  return absl::InvalidArgumentError(fmt::format(
+      "unknown destination kind '{}' (all-excluding-self, all-including-self, physical-broadcast, x2apic-logical)",
+      name));
+}
+
+std::vector<VcpuIndex> ExpectedRecipients(const ProbeVmConfig& config) {
+  std::vector<VcpuIndex> out;
+  for (uint32_t i = 0; i < config.num_vcpus; ++i) {
+    bool hit = false;
+    switch (config.dest_kind) {
+      case guest::AGGVM_DEST_ALL_EXCLUDING_SELF:
+        hit = i != config.ping_vcpu.value();
+        break;
+      case guest::AGGVM_DEST_ALL_INCLUDING_SELF:
+      case guest::AGGVM_DEST_PHYSICAL_BROADCAST:
+        hit = true;
+        break;
+      case guest::AGGVM_DEST_X2APIC_LOGICAL:
+        hit = (i >> 4) == (config.dest >> 16) && ((config.dest & 0xFFFF) >> (i & 0xF) & 1) != 0;
+        break;
+    }
+    if (hit) out.push_back(VcpuIndex(i));
+  }
+  return out;
+}
+
+namespace {
+
+bool IsHandshakeVector(uint32_t v, uint32_t num_vcpus) {
+  return v == AGGVM_VEC_WARMUP || v == AGGVM_VEC_TIMER || (v >= AGGVM_VEC_READY_BASE && v < AGGVM_VEC_READY_BASE + num_vcpus) ||
+         (v >= AGGVM_VEC_ANSWER_BASE && v < AGGVM_VEC_ANSWER_BASE + num_vcpus);
+}
+
+/// The workload-specific fields of `config` (the guest checks the same and would stop with BAD_WORKLOAD).
+absl::Status ValidateWorkload(const ProbeVmConfig& config) {
+  const uint32_t n = config.num_vcpus;
+  const uint32_t ping = config.ping_vcpu.value();
+  const uint32_t vector = config.ipi_vector.value();
+  switch (config.workload) {
+    case guest::AGGVM_WORKLOAD_IPI_PINGPONG:
+    case guest::AGGVM_WORKLOAD_NMI:
+      if (n < 2 || ping >= n || config.pong_vcpu.value() >= n || config.ping_vcpu == config.pong_vcpu) {
+        return absl::InvalidArgumentError(
+            fmt::format("{} needs two distinct vCPUs below num_vcpus = {} (ping {}, pong {})",
+                        config.workload == guest::AGGVM_WORKLOAD_NMI ? "nmi" : "ipi-pingpong", n, config.ping_vcpu,
+                        config.pong_vcpu));
+      }
+      break;
+    case guest::AGGVM_WORKLOAD_IPI_BROADCAST:
+    case guest::AGGVM_WORKLOAD_LOWEST_PRIORITY: {
+      const bool lowest = config.workload == guest::AGGVM_WORKLOAD_LOWEST_PRIORITY;
+      if (ping >= n || n > AGGVM_MAX_ANSWER_VCPUS) {
+        return absl::InvalidArgumentError(fmt::format(
+            "ipi-broadcast / lowest-priority: sender (ping_vcpu) {} must be below num_vcpus = {}, which must be at "
+            "most {}",
+            ping, n, AGGVM_MAX_ANSWER_VCPUS));
+      }
+      if (config.dest_kind == guest::AGGVM_DEST_X2APIC_LOGICAL && !config.x2apic) {
+        return absl::InvalidArgumentError("dest_kind x2apic-logical needs x2apic = true (xAPIC logical mode would need "
+                                          "LDR/DFR set up by the guest; use physical-broadcast or a shorthand)");
+      }
+      if (lowest && (config.dest_kind != guest::AGGVM_DEST_X2APIC_LOGICAL || !config.x2apic)) {
+        return absl::InvalidArgumentError(fmt::format(
+            "lowest-priority: dest_kind {} is not supported: use x2apic-logical with x2apic = true (KVM delivers a "
+            "lowest-priority physical broadcast to every vCPU; shorthands with lowest priority are model specific, SDM "
+            "Vol. 3A 11.6.1)",
+            static_cast<int>(config.dest_kind)));
+      }
+      if (config.dest_kind < guest::AGGVM_DEST_ALL_EXCLUDING_SELF || config.dest_kind > guest::AGGVM_DEST_X2APIC_LOGICAL) {
+        return absl::InvalidArgumentError(fmt::format("dest_kind {} is unknown", static_cast<int>(config.dest_kind)));
+      }
+      if (config.expected_answers && *config.expected_answers > n) {
+        return absl::InvalidArgumentError(fmt::format("expected_answers = {} exceeds num_vcpus = {}",
+                                                      *config.expected_answers, n));
+      }
+      if (config.tpr.size() > n) {
+        return absl::InvalidArgumentError(fmt::format("tpr has {} entries for {} vCPUs", config.tpr.size(), n));
+      }
+      for (size_t i = 0; i < config.tpr.size(); ++i) {
+        if ((config.tpr[i] >> 4) >= (vector >> 4)) {
+          return absl::InvalidArgumentError(fmt::format(
+              "tpr[{}] = {:#x} would block ipi_vector {:#x} (its priority class must be below the vector's, SDM Vol. "
+              "3A 11.8.3.1)",
+              i, config.tpr[i], vector));
+        }
+      }
+      break;
+    }
+    case guest::AGGVM_WORKLOAD_IPI_NOWHERE:
+      if (ping >= n || config.nowhere_apic_id < n || (!config.x2apic && config.nowhere_apic_id >= 0xFF)) {
+        return absl::InvalidArgumentError(fmt::format(
+            "ipi-nowhere: nowhere_apic_id {} must be an APIC ID no vCPU has (>= num_vcpus = {}; xAPIC: < 0xFF, the "
+            "broadcast ID), sender {}",
+            config.nowhere_apic_id, n, ping));
+      }
+      break;
+    default:
+      break;
+  }
+  const bool uses_vector = config.workload == guest::AGGVM_WORKLOAD_IPI_PINGPONG ||
+                           config.workload == guest::AGGVM_WORKLOAD_NMI ||
+                           config.workload == guest::AGGVM_WORKLOAD_IPI_BROADCAST ||
+                           config.workload == guest::AGGVM_WORKLOAD_LOWEST_PRIORITY ||
+                           config.workload == guest::AGGVM_WORKLOAD_IPI_NOWHERE;
+  if (uses_vector && (vector < 32 || vector > 254 || IsHandshakeVector(vector, n))) {
+    return absl::InvalidArgumentError(fmt::format(
+        "ipi_vector {:#x} must be in 0x20..0xfe and differ from the handshake vectors ({:#x}, {:#x}.., {:#x}..)",
+        vector, AGGVM_VEC_WARMUP, AGGVM_VEC_READY_BASE, AGGVM_VEC_ANSWER_BASE));
+  }
+  return absl::OkStatus();
+}
+
+/// Copies the AP trampoline named by the image header at entry + AGGVM_IMAGE_HEADER_OFFSET to AGGVM_TRAMPOLINE_GPA.
+/// An image without the header gets none (NotFound).
+absl::Status InstallTrampoline(vcpu::GuestMemory& mem, uint64_t entry) {
+  struct Header {
+    uint32_t magic, gpa, size, reserved;
+  };
+  auto h = mem.ReadObject<Header>(GuestAddress(entry + AGGVM_IMAGE_HEADER_OFFSET));
+  if (!h.ok() || h->magic != AGGVM_IMAGE_HEADER_MAGIC) {
+    return absl::NotFoundError(fmt::format("the guest image has no header at entry {:#x} + {} (no AP trampoline)",
+                                           entry, AGGVM_IMAGE_HEADER_OFFSET));
+  }
+  if (h->size == 0 || h->size > AGGVM_TRAMPOLINE_MAX || h->gpa < AGGVM_IMAGE_MIN_GPA) {
+    return absl::InvalidArgumentError(fmt::format(
+        "the guest image's AP trampoline at GPA {:#x}, {} bytes, is not inside the image or larger than {} bytes",
+        h->gpa, h->size, AGGVM_TRAMPOLINE_MAX));
+  }
+  auto bytes = mem.Slice(GuestAddress(h->gpa), h->size);
+  if (!bytes.ok()) return bytes.status();
+  const std::vector<uint8_t> copy(bytes->begin(), bytes->end());
+  return mem.Write(GuestAddress(AGGVM_TRAMPOLINE_GPA), copy);
+}
+
+}  // namespace
 
 ProbeVm::ProbeVm(ProbeVmConfig config, vcpu::Kvm kvm, vcpu::Vm vm, vcpu::GuestMemory mem)
     : config_(std::move(config)), kvm_(std::move(kvm)), vm_(std::move(vm)), mem_(std::move(mem)) {
@@ -135,12 +300,12 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
         "memory_bytes = {}: need a multiple of 4096 between 4 MiB and 3 GiB (0xC0000000 must stay unmapped)",
         config.memory_bytes));
   }
-  if (config.workload == guest::AGGVM_WORKLOAD_IPI_PINGPONG &&
-      (config.num_vcpus < 2 || config.ping_vcpu.value() >= config.num_vcpus ||
-       config.pong_vcpu.value() >= config.num_vcpus || config.ping_vcpu == config.pong_vcpu)) {
-    return absl::InvalidArgumentError(fmt::format(
-        "ipi-pingpong needs two distinct vCPUs below num_vcpus = {} (ping {}, pong {})", config.num_vcpus,
-        config.ping_vcpu, config.pong_vcpu));
+  if (auto s = ValidateWorkload(config); !s.ok()) return s;
+  if (config.workload == guest::AGGVM_WORKLOAD_AP_BRINGUP) config.ap_startup = ApStartup::kSipi;
+  for (const VcpuIndex h : config.held_vcpus) {
+    if (h.value() >= config.num_vcpus) {
+      return absl::InvalidArgumentError(fmt::format("held_vcpus: {} is not below num_vcpus = {}", h, config.num_vcpus));
+    }
   }
   for (size_t i = 0; i < config.local_vcpus.size(); ++i) {
     const uint32_t v = config.local_vcpus[i].value();
@@ -203,8 +368,11 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
   if (!mem.ok()) return mem.status();
   if (auto s = vcpu::WriteLongModeTables(*mem); !s.ok()) return s;
   if (auto s = vcpu::LoadElf(*image, *image_bytes, *mem); !s.ok()) return s;
-
   const uint64_t entry = image->entry;
+  // Every node installs the trampoline itself: guest memory is not coherent across nodes.
+  if (auto s = InstallTrampoline(*mem, entry); !s.ok() && config.ap_startup == ApStartup::kSipi) {
+    return absl::InvalidArgumentError(fmt::format("guest image {}: {}", config.guest_elf, std::string(s.message())));
+  }
   std::unique_ptr<ProbeVm> pvm(new ProbeVm(std::move(config), *std::move(kvm), *std::move(vm), *std::move(mem)));
   if (auto s = pvm->SetUpVcpus(); !s.ok()) return s;
   if (user) {
@@ -226,6 +394,17 @@ absl::StatusOr<std::unique_ptr<ProbeVm>> ProbeVm::Create(ProbeVmConfig config) {
   bi.ipi_vector = pvm->config_.ipi_vector.value();
   bi.tsc_khz = pvm->tsc_khz_;
   for (uint32_t i = 0; i < bi.num_vcpus; ++i) bi.apic_ids[i] = pvm->apic_id(VcpuIndex(i)).value();
+  const ProbeVmConfig& c = pvm->config_;
+  bi.dest_kind = c.dest_kind;
+  bi.dest = c.dest;
+  if (c.workload == guest::AGGVM_WORKLOAD_LOWEST_PRIORITY) {
+    bi.expected_answers = c.expected_answers.value_or(1);
+  } else {
+    bi.expected_answers = c.expected_answers.value_or(static_cast<uint32_t>(ExpectedRecipients(c).size()));
+  }
+  bi.nowhere_apic_id = c.nowhere_apic_id;
+  bi.timeout_ms = c.timeout_ms;
+  for (size_t i = 0; i < c.tpr.size(); ++i) bi.tpr[i] = c.tpr[i];
   if (auto s = pvm->mem_.WriteObject(GuestAddress(AGGVM_BOOTINFO_GPA), bi); !s.ok()) return s;
 
   for (size_t s = 0; s < pvm->local_.size(); ++s) {
@@ -254,10 +433,13 @@ absl::Status ProbeVm::SetUpVcpus() {
     auto sregs = v->GetSregs();
     if (!sregs.ok()) return sregs.status();
     if (auto s = v->SetSregs(vcpu::LongModeSregs(*sregs)); !s.ok()) return s;
-    // With the in-kernel LAPIC every vCPU but the BSP (KVM vCPU id 0) waits for INIT/SIPI; start them directly.
-    // Without one (user mode) KVM makes every vCPU runnable.
+    // With the in-kernel LAPIC every vCPU but the BSP (KVM vCPU id 0) waits for INIT/SIPI
+    // (KVM_MP_STATE_UNINITIALIZED, arch/x86/kvm/x86.c kvm_arch_vcpu_create); start them directly, or (kSipi) say
+    // so explicitly and let the guest's INIT-SIPI-SIPI start them. Without one (user mode) KVM makes every vCPU
+    // runnable; the user irqchip holds the APs (below).
     if (i != 0 && !user) {
-      if (auto s = v->SetMpState(KVM_MP_STATE_RUNNABLE); !s.ok()) return s;
+      const bool sipi = config_.ap_startup == ApStartup::kSipi;
+      if (auto s = v->SetMpState(sipi ? KVM_MP_STATE_UNINITIALIZED : KVM_MP_STATE_RUNNABLE); !s.ok()) return s;
     }
     v->EnableSyncRegs();
     vcpus_.push_back(*std::move(v));
@@ -285,18 +467,39 @@ absl::Status ProbeVm::SetUpVcpus() {
     threads_.push_back(std::make_unique<VcpuThread>(
         vcpus_[s], [this, i](vcpu::VcpuExit& exit) { return HandleExit(i, exit); }, hooks));
     if (user) user_irqchip_->Attach(slot, vcpus_[s], *threads_.back());
+    // User mode, kSipi: the AP waits for INIT-SIPI in the userspace LAPIC model (its thread does not enter the guest).
+    if (user && i != 0 && config_.ap_startup == ApStartup::kSipi) user_irqchip_->HoldUntilSipi(slot);
   }
   return absl::OkStatus();
 }
 
 absl::Status ProbeVm::Start() {
-  for (auto& t : threads_) {
-    if (auto s = t->Start(); !s.ok()) {
+  for (size_t s = 0; s < threads_.size(); ++s) {
+    const bool held = std::find(config_.held_vcpus.begin(), config_.held_vcpus.end(), local_[s]) !=
+                      config_.held_vcpus.end();
+    if (held || threads_[s]->started()) continue;
+    if (auto st = threads_[s]->Start(); !st.ok()) {
       Stop();
-      return s;
+      return st;
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status ProbeVm::StartVcpu(VcpuIndex index) {
+  if (!is_local(index)) return absl::InvalidArgumentError(fmt::format("vCPU {} does not run on this node", index));
+  VcpuThread& t = *threads_[Slot(index.value())];
+  if (t.started()) return absl::FailedPreconditionError(fmt::format("vCPU {} already started", index));
+  return t.Start();
+}
+
+absl::StatusOr<uint32_t> ProbeVm::MpState(VcpuIndex index) const {
+  if (!is_local(index)) return absl::InvalidArgumentError(fmt::format("vCPU {} does not run on this node", index));
+  kvm_mp_state mp{};
+  if (::ioctl(vcpus_[Slot(index.value())].fd(), KVM_GET_MP_STATE, &mp) < 0) {
+    return vcpu::ErrnoStatus(errno, fmt::format("KVM_GET_MP_STATE on vCPU {}", index));
+  }
+  return mp.mp_state;
 }
 
 absl::Status ProbeVm::Pause(absl::Duration timeout) {
@@ -387,7 +590,7 @@ absl::Status ProbeVm::WaitForRecords(VcpuIndex index, guest::aggvm_record_type t
   if (!is_local(index)) {
     return absl::InvalidArgumentError(fmt::format("vCPU {} does not run on this node", index));
   }
-  if (type < guest::AGGVM_REC_HELLO || type > guest::AGGVM_REC_EXIT_ROUND) {
+  if (type < guest::AGGVM_REC_HELLO || type > guest::AGGVM_REC_LAST) {
     return absl::InvalidArgumentError(fmt::format("record type {} is not a probe record type", static_cast<int>(type)));
   }
   const std::atomic<uint64_t>& received = logs_.at(index.value())->received[type];
@@ -438,7 +641,7 @@ Action ProbeVm::HandleRecord(uint32_t index, uint32_t gpa) {
                                        gpa, rip, std::string(rec.status().message()))));
   }
   if (rec->magic != AGGVM_RECORD_MAGIC || rec->type < guest::AGGVM_REC_HELLO ||
-      rec->type > guest::AGGVM_REC_EXIT_ROUND || rec->vcpu != index) {
+      rec->type > guest::AGGVM_REC_LAST || rec->vcpu != index) {
     return Fail(index, absl::InvalidArgumentError(fmt::format(
                            "vCPU {} sent an invalid record at GPA {:#x}: magic {:#x} (want {:#x}), type {}, vcpu {}",
                            index, gpa, rec->magic, AGGVM_RECORD_MAGIC, rec->type, rec->vcpu)));

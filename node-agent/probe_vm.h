@@ -53,6 +53,14 @@ struct ForwardedAccess {
   uint64_t data = 0;      // writes: the value, zero-extended
 };
 
+/// How the application processors (every vCPU but vCPU 0) start.
+enum class ApStartup {
+  kVmm,   // the VMM starts every vCPU directly in long mode at the ELF entry
+  kSipi,  // only vCPU 0 starts; the others wait for INIT-SIPI-SIPI from the guest (ap-bringup implies it). Kernel
+          // mode: KVM_MP_STATE_UNINITIALIZED (KVM's own state for a non-BSP vCPU with an in-kernel LAPIC); user mode:
+          // UserIrqchip::HoldUntilSipi. The AP trampoline is copied to AGGVM_TRAMPOLINE_GPA on every node.
+};
+
 struct ProbeVmConfig {
   std::string guest_elf;
   uint32_t num_vcpus = 1;
@@ -61,9 +69,25 @@ struct ProbeVmConfig {
   bool x2apic = true;        // else xAPIC (MMIO at 0xFEE00000)
   /// Where the LAPICs live: KVM's (split irqchip) or userspace models (KVM_INTERRUPT). See vcpu/interrupt_injector.h.
   vcpu::IrqchipMode irqchip = vcpu::IrqchipMode::kKernel;
-  VcpuIndex ping_vcpu{0};
+  VcpuIndex ping_vcpu{0};   // ipi-pingpong, nmi: the timing side; ipi-broadcast, lowest-priority, ipi-nowhere: sender
   VcpuIndex pong_vcpu{1};
-  Vector ipi_vector{0x40};
+  Vector ipi_vector{0x40};  // must differ from the handshake vectors of guest/abi.h (AGGVM_VEC_*)
+  /// ipi-broadcast / lowest-priority: the destination of the sender's IPI (guest/abi.h enum aggvm_dest_kind) and,
+  /// for AGGVM_DEST_X2APIC_LOGICAL, the x2APIC logical ID (cluster << 16 | bitmask).
+  guest::aggvm_dest_kind dest_kind = guest::AGGVM_DEST_ALL_EXCLUDING_SELF;
+  uint32_t dest = 0;
+  /// Answers the sender waits for per round; nullopt: computed from the destination (ExpectedRecipients).
+  std::optional<uint32_t> expected_answers;
+  /// ipi-nowhere: the APIC ID nobody has.
+  uint32_t nowhere_apic_id = 0xF0;
+  /// lowest-priority: each vCPU's TPR (missing entries 0); each class must be below ipi_vector's.
+  std::vector<uint8_t> tpr;
+  /// Guest-side timeout of handshakes, rounds and AP bring-up (BootInfo.timeout_ms).
+  uint32_t timeout_ms = 10000;
+  /// kVmm unless the workload is ap-bringup (which forces kSipi).
+  ApStartup ap_startup = ApStartup::kVmm;
+  /// Test hook: local vCPUs that Start() leaves stopped; StartVcpu() starts them later (a late node).
+  std::vector<VcpuIndex> held_vcpus;
   uint64_t memory_bytes = 64ull << 20;  // guest RAM from GPA 0 (must stay below 3 GiB: 0xC0000000 stays unmapped)
   /// How many records / level-triggered EOIs each local vCPU's report keeps (at most kMaxReportCapacity). The store
   /// is allocated once in Create (32 B per record, pages touched only when used); what the guest sends beyond it is
@@ -112,8 +136,12 @@ class ProbeVm {
   ProbeVm(const ProbeVm&) = delete;
   ProbeVm& operator=(const ProbeVm&) = delete;
 
-  /// Starts every local vCPU thread.
+  /// Starts every local vCPU thread not yet started, except config.held_vcpus.
   absl::Status Start();
+  /// Starts one local vCPU's thread (a held one). FailedPrecondition if it already runs.
+  absl::Status StartVcpu(VcpuIndex index);
+  /// KVM_GET_MP_STATE of a local vCPU (KVM_MP_STATE_*), for tests of AP start-up.
+  absl::StatusOr<uint32_t> MpState(VcpuIndex index) const;
   /// Pauses / resumes every local vCPU (they keep their state). Pause waits (bounded) until each thread is paused.
   absl::Status Pause(absl::Duration timeout = absl::Seconds(5));
   void Resume();
@@ -144,6 +172,7 @@ class ProbeVm {
   [[nodiscard]] vcpu::IrqchipMode irqchip_mode() const { return config_.irqchip; }
   /// The userspace LAPICs (user mode only; nullptr in kernel mode).
   vcpu::UserIrqchip* user_irqchip() { return user_irqchip_.get(); }
+  vcpu::Kvm& kvm() { return kvm_; }
   vcpu::Vm& vm() { return vm_; }
   vcpu::InterruptInjector& injector() { return *injector_; }
   /// A local vCPU's thread (std::out_of_range for a vCPU another node runs).
@@ -202,7 +231,15 @@ class ProbeVm {
   uint32_t done_count_ = 0;          // guarded by mu_
 };
 
-/// Parses a workload name (hello, ipi-pingpong, irq-sink, spin, exit-loop, bad-port, unmapped, triple-fault).
+/// Parses a workload name (hello, ipi-pingpong, irq-sink, spin, exit-loop, ipi-broadcast, nmi, ipi-nowhere,
+/// lowest-priority, ap-bringup, bad-port, unmapped, triple-fault).
 absl::StatusOr<guest::aggvm_workload> ParseWorkload(std::string_view name);
+/// Parses a destination kind name (all-excluding-self, all-including-self, physical-broadcast, x2apic-logical).
+absl::StatusOr<guest::aggvm_dest_kind> ParseDestKind(std::string_view name);
+
+/// The vCPUs addressed by the ipi-broadcast IPI of `config` (APIC ID = vCPU index; SDM Vol. 3A 11.6.2 and
+/// 11.12.10.2: an x2APIC logical ID is cluster = ID >> 4, bit = 1 << (ID & 0xF)). For lowest-priority this is the
+/// set the one winner comes from.
+std::vector<VcpuIndex> ExpectedRecipients(const ProbeVmConfig& config);
 
 }  // namespace aggvm::agent

@@ -169,8 +169,10 @@ TEST_P(InterruptsTest, IpiPingPongCompletesRounds) {
   EXPECT_EQ(rtt.size(), kRounds);
   if (GetParam().irqchip == vcpu::IrqchipMode::kUser) {
     const auto c = (*vm)->user_irqchip()->counters();
-    EXPECT_EQ(c.ipis, 2u * kRounds) << "every ping and every pong went through the userspace router";
-    EXPECT_EQ(c.undelivered, 0u);
+    // Plus the warm-up handshake: AGGVM_VEC_WARMUP until the pong answers, and its READY answers.
+    EXPECT_GE(c.ipis, 2u * kRounds) << "every ping and every pong went through the userspace router";
+    // Only warm-ups that reached the pong before its LAPIC was enabled are refused, never a ping or a pong.
+    EXPECT_LE(c.undelivered, c.ipis - 2u * kRounds);
     EXPECT_GE(c.injected, 2u * kRounds);
   }
 }
