@@ -27,7 +27,7 @@ struct UserIrqchip::AtomicCounters {
   std::atomic<uint64_t> msis{0}, bad_msis{0}, ipis{0}, undelivered{0}, injected{0}, nmis{0}, window_requests{0},
       halts{0}, apic_msr_accesses{0}, apic_mmio_accesses{0}, bad_apic_mmio{0}, foreign_msrs_gp{0}, eoi_broadcasts{0},
       unsupported_events{0}, inits{0}, sipis{0}, sipis_ignored{0}, startups{0}, remote_ipis{0},
-      remote_xapic_logical_refused{0}, remote_without_sink{0};
+      remote_xapic_logical_refused{0}, remote_without_sink{0}, nmi_halt_reentries{0};
 };
 
 namespace {
@@ -183,6 +183,7 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
     if (window) Bump(chip.counters_->window_requests);
     if (nmi) {
       if (absl::Status s = vcpu->Nmi(); !s.ok()) return s;
+      nmi_in_kvm = true;  // OnHlt asks KVM whether it still holds it
       Bump(chip.counters_->nmis);
     }
     if (inject.has_value()) {
@@ -302,6 +303,16 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
   }
 
   Disposition OnHlt() {
+    // An NMI we queued with KVM_NMI may still be in KVM: it arrived while the guest's NMI handler ran (NMIs blocked
+    // until IRET, SDM vol. 3, 6.7.1), and the guest's IRET and then this HLT came before KVM entered the guest again
+    // to inject it. KVM exits on HLT without an in-kernel LAPIC whatever it holds (x86.c, __kvm_emulate_halt), and
+    // our model has nothing pending: sleeping here would lose the NMI. Re-enter instead; KVM injects it, and the
+    // guest's handler returns to the instruction after the HLT, as on a halted CPU (SDM vol. 2A, HLT: an NMI resumes
+    // execution whatever IF says). Only after a KVM_NMI: the common HLT costs nothing more.
+    if (nmi_in_kvm && KvmHoldsDeliverableNmi()) {
+      Bump(chip.counters_->nmi_halt_reentries);
+      return Disposition::kHandled;
+    }
     Bump(chip.counters_->halts);
     // RIP is past the HLT. Only an interrupt the guest can take ends the halt (with IF = 0 it sleeps until a
     // command kicks the thread); a kick (Wake) hands the thread back to the VcpuThread loop.
@@ -325,6 +336,24 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
     }
     halted = false;
     return Disposition::kHandled;
+  }
+
+  // vCPU thread, after a KVM_NMI (nmi_in_kvm): true if KVM still holds an NMI the guest can take now — being
+  // injected, or pending while NMIs are not blocked. The rule of KVM's own halt with an in-kernel LAPIC
+  // (kvm_vcpu_has_events: nmi_pending && nmi_allowed). Pending while blocked (the guest halted inside its NMI handler)
+  // stays in KVM until the guest's IRET, which only an interrupt can bring now: the halt sleeps, as on hardware.
+  // Once KVM holds none, nmi_in_kvm is cleared. KVM_GET_VCPU_EVENTS first moves KVM_NMI's queue into nmi.pending
+  // (process_nmi), so a just-queued NMI is seen.
+  bool KvmHoldsDeliverableNmi() {
+    kvm_vcpu_events ev{};
+    if (::ioctl(vcpu->fd(), KVM_GET_VCPU_EVENTS, &ev) != 0) {
+      // Cannot tell: re-enter once (KVM injects what it holds), then halt normally on the next HLT.
+      nmi_in_kvm = false;
+      return true;
+    }
+    if (ev.nmi.injected != 0 || (ev.nmi.pending != 0 && ev.nmi.masked == 0)) return true;
+    if (ev.nmi.pending == 0) nmi_in_kvm = false;
+    return false;
   }
 
   // ---- INIT / SIPI ----
@@ -383,6 +412,7 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
     regs.rdx = kRdxAfterInit;
     vcpu->StageRegs(regs);
     queued = false;
+    nmi_in_kvm = false;  // ClearQueuedEvents dropped it
     Bump(chip.counters_->startups);
     return absl::OkStatus();
   }
@@ -432,6 +462,7 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
   std::atomic<bool> in_run{false};                         // between BeforeRun and AfterRun
   // vCPU thread only:
   bool queued = false;  // KVM_INTERRUPT done since the last exit
+  bool nmi_in_kvm = false;  // KVM_NMI done, not yet seen delivered (KvmHoldsDeliverableNmi)
   std::array<irqchip::InterruptMessage, kOutboxSize> pending_out{};
   size_t pending_out_count = 0;
   std::optional<Vector> pending_eoi;
@@ -636,6 +667,7 @@ UserIrqchipCounters UserIrqchip::counters() const {
   out.remote_ipis = g(c.remote_ipis);
   out.remote_xapic_logical_refused = g(c.remote_xapic_logical_refused);
   out.remote_without_sink = g(c.remote_without_sink);
+  out.nmi_halt_reentries = g(c.nmi_halt_reentries);
   return out;
 }
 

@@ -11,7 +11,8 @@
 //     0x1B and 0x6E0 are handled by KVM itself unless the MSR filter denies them). A #GP answer of the model goes
 //     back through kvm_run->msr.error = 1. Any other MSR that exits here gets #GP as KVM would give it.
 //   - HLT exits to userspace (KVM_EXIT_HLT): the vCPU thread sleeps until its APIC has a deliverable interrupt (with
-//     RFLAGS.IF = 1 at the HLT; a `cli; hlt` sleeps until the thread is kicked), or until the next timer expiry.
+//     RFLAGS.IF = 1 at the HLT; a `cli; hlt` sleeps until the thread is kicked), an NMI, or the next timer expiry.
+//     Except when KVM itself still holds an NMI we queued (see NMI below): then the thread re-enters the guest.
 // Injection, before each KVM_RUN on the vCPU thread: if the APIC has a deliverable vector and the last exit said
 // ready_for_interrupt_injection, AcknowledgeInterrupt() (IRR -> ISR) and KVM_INTERRUPT; while something stays
 // pending, request_interrupt_window = 1 so that KVM exits (KVM_EXIT_IRQ_WINDOW_OPEN) as soon as the guest can take it.
@@ -40,7 +41,12 @@
 //     SIPI to a running vCPU is ignored (counted in sipis_ignored), as on hardware.
 //   - HoldUntilSipi puts a vCPU in WaitForSipi before its thread starts: an AP at power-on.
 //   - NMI: latched by the model, injected with KVM_NMI before the next entry; it ends a userspace HLT (also with
-//     IF = 0). An NMI accepted during WaitForSipi stays latched until the SIPI starts the vCPU.
+//     IF = 0). An NMI accepted during WaitForSipi stays latched until the SIPI starts the vCPU. An NMI queued while
+//     the guest is inside its NMI handler (NMIs blocked until IRET, SDM vol. 3, 6.7.1) stays pending in KVM; if the
+//     guest IRETs and HLTs before KVM re-entered it, the HLT exits with that NMI still in KVM and nothing in the
+//     model. So after a KVM_NMI (a per-vCPU flag; HLTs without one cost nothing more) a HLT exit reads
+//     KVM_GET_VCPU_EVENTS: an NMI being injected, or pending and not blocked, makes the thread re-enter the guest
+//     instead of sleeping (KVM's own halt rule, kvm_vcpu_has_events); counted in nmi_halt_reentries.
 //   - Fixed interrupts during WaitForSipi: the APIC is software-disabled after INIT (SVR = 0xFF), so they are
 //     refused by the model as on hardware.
 //
@@ -112,6 +118,7 @@ struct UserIrqchipCounters {
   uint64_t remote_ipis = 0;         // ICR sends handed whole to the RemoteIpiSink
   uint64_t remote_xapic_logical_refused = 0;  // xAPIC logical ICR sends dropped: remote LDR/DFR unknown here
   uint64_t remote_without_sink = 0; // ICR sends that name a remote vCPU while no sink is set: dropped
+  uint64_t nmi_halt_reentries = 0;  // HLT exits not slept through: KVM still held a deliverable NMI (see header)
 };
 
 /// Distributed VMs (issue 6, item 2): where the user irqchip hands an IPI that may be meant for vCPUs running on

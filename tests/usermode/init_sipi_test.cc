@@ -3,8 +3,11 @@
 // started (it OUTs its CS and a marker byte). Messages come from the guest's own ICR writes (x2APIC MSRs) or from
 // the host through UserIrqchip::Deliver, as an agent injects what the master routed. The last test runs two such
 // VMs as two "nodes" whose IPIs cross through a RemoteIpiSink (UserIrqchip::SetRemote).
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -173,6 +176,10 @@ class RealModeVm {
     return error_;
   }
 
+  /// Called on the vCPU's thread after each OUT is recorded (no lock held), before the guest resumes: what it does
+  /// happens while the guest is provably between that OUT and the next instruction. Before StartThreads.
+  void OnOut(std::function<void(uint32_t vcpu, uint16_t port, uint32_t value)> f) { on_out_ = std::move(f); }
+
   vcpu::UserIrqchip& chip() { return *chip_; }
   VcpuThread& thread(uint32_t i) { return *threads_[i]; }
   vcpu::Vcpu& vcpu(uint32_t i) { return vcpus_[i]; }
@@ -181,10 +188,13 @@ class RealModeVm {
   RealModeVm(vcpu::Kvm kvm, vcpu::Vm vm) : kvm_(std::move(kvm)), vm_(std::move(vm)) {}
 
   VcpuThread::ExitAction HandleExit(uint32_t i, vcpu::VcpuExit& exit) {
-    std::lock_guard l(mu_);
+    std::unique_lock l(mu_);
     if (const auto* out = std::get_if<vcpu::IoOut>(&exit)) {
-      outs_.push_back({i, out->port, out->Value()});
+      const Out o{i, out->port, out->Value()};
+      outs_.push_back(o);
       cv_.notify_all();
+      l.unlock();
+      if (on_out_) on_out_(o.vcpu, o.port, o.value);
       return VcpuThread::ExitAction::Continue();
     }
     error_ = absl::InternalError(absl::StrCat("vCPU ", i, ": unexpected exit ", vcpu::DescribeExit(exit)));
@@ -201,6 +211,7 @@ class RealModeVm {
   std::condition_variable cv_;
   std::vector<Out> outs_;
   absl::Status error_;
+  std::function<void(uint32_t, uint16_t, uint32_t)> on_out_;
   std::vector<std::unique_ptr<VcpuThread>> threads_;  // last: destroyed (stopped, joined) first
 };
 
@@ -375,6 +386,68 @@ TEST(UserModeInitSipi, RepeatedInitSipiRestartsEveryTime) {
   EXPECT_GE(c.startups, static_cast<uint64_t>(waited));
   EXPECT_TRUE(v.error().ok()) << v.error();
 }
+
+// NMI blocking (SDM vol. 3, 6.7.1): an NMI that arrives while the guest's NMI handler runs waits until the handler's
+// IRET. The second NMI of each pair below is delivered from the handler's own OUT exit, so it reaches KVM (KVM_NMI)
+// while the guest is provably inside the handler: KVM holds it pending, blocked. The handler then IRETs and the main
+// loop HLTs at once; that HLT exits to userspace with the NMI still in KVM and nothing in the model — the race that
+// hung the probe guest's `nmi` workload. Both NMIs of every pair must run the handler, with IF = 0 at the HLT (an
+// NMI ends a halt whatever IF says) and with IF = 1.
+class UserModeNmiTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(UserModeNmiTest, NmiDuringHandlerIsNotLostAtHlt) {
+  AGGVM_REQUIRE_KVM();
+  const bool sti = GetParam();
+  std::atomic<uint32_t> handler_runs{0};  // declared before the VM: its vCPU thread uses it until the VM is gone
+  auto vm = RealModeVm::Create({ApicId(1)}, false);
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  RealModeVm& v = **vm;
+  const uint8_t ivt_nmi[4] = {0x00, 0x01, 0x00, 0x03};  // IVT entry 2: 0x0300:0x0100
+  ASSERT_TRUE(v.Load(2 * 4, ivt_nmi).ok());
+  // push ax; mov al, 0x4E; out kPortNmi, al; pop ax; iret
+  const uint8_t nmi_handler[] = {0x50, 0xB0, 0x4E, 0xE6, kPortNmi, 0x58, 0xCF};
+  ASSERT_TRUE(v.Load(0x3100, nmi_handler).ok());
+  const std::vector<uint8_t> main_loop = {
+      static_cast<uint8_t>(sti ? 0xFB : 0x90),  // sti, or nop (IF = 0 after SIPI)
+      0xB0, 0x77, 0xE6, kPortMarker,            // mov al, 0x77; out kPortMarker, al (ready)
+      0xF4,                                     // hlt
+      0xEB, 0xFD,                               // jmp short -3
+  };
+  ASSERT_TRUE(v.Load(0x1000, main_loop).ok());
+  // The first NMI of each pair (odd-numbered handler OUT) sends the second from inside the handler.
+  v.OnOut([&](uint32_t, uint16_t port, uint32_t) {
+    if (port != kPortNmi) return;
+    if (handler_runs.fetch_add(1) % 2 == 0) {
+      EXPECT_EQ(v.Deliver(DeliveryMode::kNmi, ApicId(1)), 1u);
+    }
+  });
+  ASSERT_TRUE(v.StartThreads().ok());
+  ASSERT_EQ(v.Deliver(DeliveryMode::kStartup, ApicId(1), 0x01), 1u);
+  ASSERT_TRUE(v.WaitForOut(0, kPortMarker, 0x77)) << v.error();
+
+  constexpr uint32_t kPairs = 10;
+  for (uint32_t pair = 0; pair < kPairs; ++pair) {
+    // Halted in userspace before each pair: the first NMI wakes the userspace halt, the second meets the race.
+    for (int t = 0; t < 10000 && v.chip().counters().halts < pair + 1; ++t) std::this_thread::sleep_for(1ms);
+    ASSERT_GE(v.chip().counters().halts, pair + 1) << "pair " << pair << ": the guest never halted";
+    ASSERT_EQ(v.Deliver(DeliveryMode::kNmi, ApicId(1)), 1u);
+    const size_t want = 2 * (pair + 1);
+    for (int t = 0; t < 5000 && v.CountOuts(0, kPortNmi) < want; ++t) std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(v.CountOuts(0, kPortNmi), want)
+        << "pair " << pair << ": the NMI sent during the handler was lost (IF = " << sti
+        << "); VM status: " << v.error();
+  }
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(v.CountOuts(0, kPortNmi), 2 * kPairs) << "an NMI ran twice";
+  const vcpu::UserIrqchipCounters c = v.chip().counters();
+  EXPECT_EQ(c.nmis, 2 * kPairs);
+  std::printf("IF=%d: %llu of %u second NMIs were still in KVM at the HLT (re-entered instead of sleeping)\n",
+              sti ? 1 : 0, static_cast<unsigned long long>(c.nmi_halt_reentries), kPairs);
+  EXPECT_TRUE(v.error().ok()) << v.error();
+}
+
+INSTANTIATE_TEST_SUITE_P(Hlt, UserModeNmiTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "IfSet" : "IfClear"; });
 
 // Two "nodes" in one process (two VMs, one vCPU each, APIC IDs 0 and 1), each with its own UserIrqchip that knows
 // the other vCPU only as remote. The RemoteIpiSink plays the master: it hands the whole message to every node's
