@@ -278,6 +278,7 @@ static uint32_t lapic_enable(struct percpu *pc, int x2apic) {
 #define ICR_STARTUP (6u << 8)
 #define ICR_LOGICAL (1u << 11)
 #define ICR_ASSERT (1u << 14)
+#define ICR_TRIGGER_LEVEL (1u << 15)
 #define ICR_ALL_INCLUDING_SELF (2u << 18)
 #define ICR_ALL_EXCLUDING_SELF (3u << 18)
 #define MSR_X2APIC_TPR 0x808
@@ -543,8 +544,9 @@ static __attribute__((noreturn)) void run_nowhere(struct percpu *pc, const struc
   idle_forever();
 }
 
-/* ap-bringup, vCPU 0 (the BSP): INIT, ~10 ms, SIPI, ~200 us, SIPI to every AP (SDM Vol. 3A 9.4.4.1), then wait for
-   each AP's "I'm up" IPI (READY_BASE + its index). */
+/* ap-bringup, vCPU 0 (the BSP): INIT, ~10 ms, INIT level de-assert, SIPI, ~200 us, SIPI to every AP (SDM Vol. 3A
+   9.4.4.1; the de-assert as Linux sends it, smpboot.c: it must reset nothing, SDM 11.6.1), then wait for each AP's
+   "I'm up" IPI (READY_BASE + its index). */
 static __attribute__((noreturn)) void run_bringup_bsp(struct percpu *pc, const struct aggvm_boot_info *bi) {
   const uint64_t aps = vcpu_mask(bi->num_vcpus) & ~1ull;
   const uint32_t sipi = ICR_STARTUP | (AGGVM_TRAMPOLINE_GPA >> 12);
@@ -553,6 +555,7 @@ static __attribute__((noreturn)) void run_bringup_bsp(struct percpu *pc, const s
   const uint64_t first_init = rdtsc();
   for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, ICR_INIT | ICR_ASSERT, bi->apic_ids[j]);
   delay_ticks(pc, bi, 10 * ms);
+  for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, ICR_INIT | ICR_TRIGGER_LEVEL, bi->apic_ids[j]);
   for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, sipi, bi->apic_ids[j]);
   delay_ticks(pc, bi, ms / 5);
   for (uint32_t j = 1; j < bi->num_vcpus; ++j) send_icr(pc, sipi, bi->apic_ids[j]);

@@ -140,7 +140,9 @@ class ProbeVm {
   absl::Status Start();
   /// Starts one local vCPU's thread (a held one). FailedPrecondition if it already runs.
   absl::Status StartVcpu(VcpuIndex index);
-  /// KVM_GET_MP_STATE of a local vCPU (KVM_MP_STATE_*), for tests of AP start-up.
+  /// KVM_GET_MP_STATE of a local vCPU (KVM_MP_STATE_*), for tests of AP start-up. KVM takes the vCPU's mutex, which
+  /// KVM_RUN holds: call it before the vCPU starts or while its thread is paused, or it blocks until the guest exits
+  /// (forever for a guest that spins without exits).
   absl::StatusOr<uint32_t> MpState(VcpuIndex index) const;
   /// Pauses / resumes every local vCPU (they keep their state). Pause waits (bounded) until each thread is paused.
   absl::Status Pause(absl::Duration timeout = absl::Seconds(5));

@@ -17,6 +17,10 @@ absl::StatusOr<IrqchipMode> ParseIrqchipMode(std::string_view name) {
 }
 
 absl::Status InterruptInjector::Deliver(const irqchip::InterruptMessage& message) {
+  if (IsInitLevelDeassert(message)) {
+    // KVM_SIGNAL_MSI delivers with level 1 (an MSI has no level bit): the de-assert would become an INIT.
+    return absl::UnavailableError("an INIT level de-assert changes no local APIC (SDM vol. 3, 11.6.1): not sent");
+  }
   irqchip::MsiDecodeOptions options;
   options.extended_dest_id = false;
   options.x2apic_32bit_ids = true;  // vcpu/msi.h: destination bits 31:8 in address_hi

@@ -38,8 +38,17 @@ class InterruptInjector {
   /// lowest priority already arbitrated, NMI, INIT, SIPI). Unavailable when no LAPIC accepted it. Thread-safe.
   /// Default: as an MSI (irqchip::EncodeMsi with KVM's 32-bit x2APIC IDs), so no shorthand and no SIPI (an MSI
   /// cannot carry delivery mode 110b, SDM 11.11.2): InvalidArgument for those. UserIrqchipInjector takes every mode.
+  /// An INIT level de-assert (IsInitLevelDeassert) changes no APIC: Unavailable, nothing is sent (an MSI has no
+  /// level bit, KVM would take it as an INIT).
   virtual absl::Status Deliver(const irqchip::InterruptMessage& message);
 };
+
+/// INIT level de-assert (SDM vol. 3, 11.6.1: delivery mode INIT, level 0, trigger mode level): it only synchronizes
+/// arbitration IDs and resets no processor (KVM's LAPIC ignores it too, lapic.c __apic_accept_irq). Every path that
+/// carries an INIT must drop it rather than lose its level bit and deliver a real INIT.
+inline bool IsInitLevelDeassert(const irqchip::InterruptMessage& m) {
+  return m.mode == irqchip::DeliveryMode::kInit && m.trigger == irqchip::TriggerMode::kLevel && !m.level;
+}
 
 /// `kernel` mode: KVM_SIGNAL_MSI on a VM with an in-kernel (split) irqchip. The Vm must outlive it.
 class KernelIrqchipInjector final : public InterruptInjector {

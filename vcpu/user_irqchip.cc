@@ -27,7 +27,7 @@ struct UserIrqchip::AtomicCounters {
   std::atomic<uint64_t> msis{0}, bad_msis{0}, ipis{0}, undelivered{0}, injected{0}, nmis{0}, window_requests{0},
       halts{0}, apic_msr_accesses{0}, apic_mmio_accesses{0}, bad_apic_mmio{0}, foreign_msrs_gp{0}, eoi_broadcasts{0},
       unsupported_events{0}, inits{0}, sipis{0}, sipis_ignored{0}, startups{0}, remote_ipis{0},
-      remote_xapic_logical_refused{0}, remote_without_sink{0}, nmi_halt_reentries{0};
+      remote_xapic_logical_refused{0}, remote_without_sink{0}, nmi_halt_reentries{0}, init_deasserts{0};
 };
 
 namespace {
@@ -548,6 +548,12 @@ UserIrqchip::IcrRoute UserIrqchip::ClassifyIcr(const irqchip::InterruptMessage& 
 
 void UserIrqchip::RouteIcr(uint32_t source, const irqchip::InterruptMessage& message) {
   Bump(counters_->ipis);
+  if (IsInitLevelDeassert(message)) {
+    // Changes no APIC anywhere (SDM 11.6.1). Not forwarded: the master's delivery carries no level bit, so the
+    // receiving node would apply it as an INIT and reset a vCPU.
+    Bump(counters_->init_deasserts);
+    return;
+  }
   switch (ClassifyIcr(message)) {
     case IcrRoute::kLocal:
       if (Deliver(message) == 0) Bump(counters_->undelivered);
@@ -668,6 +674,7 @@ UserIrqchipCounters UserIrqchip::counters() const {
   out.remote_xapic_logical_refused = g(c.remote_xapic_logical_refused);
   out.remote_without_sink = g(c.remote_without_sink);
   out.nmi_halt_reentries = g(c.nmi_halt_reentries);
+  out.init_deasserts = g(c.init_deasserts);
   return out;
 }
 

@@ -47,6 +47,10 @@
 //     model. So after a KVM_NMI (a per-vCPU flag; HLTs without one cost nothing more) a HLT exit reads
 //     KVM_GET_VCPU_EVENTS: an NMI being injected, or pending and not blocked, makes the thread re-enter the guest
 //     instead of sleeping (KVM's own halt rule, kvm_vcpu_has_events); counted in nmi_halt_reentries.
+//   - INIT level de-assert (ICR delivery mode INIT, level 0, trigger level; Linux sends one after each INIT) resets
+//     nothing (SDM 11.6.1; KVM's LAPIC ignores it): an ICR send of one is counted in init_deasserts and goes nowhere,
+//     not to the RemoteIpiSink either (a forwarded message that lost its level bit would be a real INIT there);
+//     Deliver ignores one too.
 //   - Fixed interrupts during WaitForSipi: the APIC is software-disabled after INIT (SVR = 0xFF), so they are
 //     refused by the model as on hardware.
 //
@@ -119,6 +123,7 @@ struct UserIrqchipCounters {
   uint64_t remote_xapic_logical_refused = 0;  // xAPIC logical ICR sends dropped: remote LDR/DFR unknown here
   uint64_t remote_without_sink = 0; // ICR sends that name a remote vCPU while no sink is set: dropped
   uint64_t nmi_halt_reentries = 0;  // HLT exits not slept through: KVM still held a deliverable NMI (see header)
+  uint64_t init_deasserts = 0;      // ICR sends of INIT level de-assert: no effect (SDM 11.6.1), not routed
 };
 
 /// Distributed VMs (issue 6, item 2): where the user irqchip hands an IPI that may be meant for vCPUs running on

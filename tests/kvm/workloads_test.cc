@@ -262,6 +262,14 @@ TEST_P(WorkloadTest, ApBringupStartsEveryAp) {
   std::this_thread::sleep_for(2ms);
   ASSERT_TRUE((*vm)->WaitDone(absl::Seconds(15)).ok()) << (*vm)->error();
   (*vm)->Stop();
+  if (user) {
+    // The guest sends INIT, INIT level de-assert, SIPI, SIPI to each AP (as Linux does): each INIT assert reset one AP,
+    // each de-assert reset nothing and went nowhere.
+    const vcpu::UserIrqchipCounters c = (*vm)->user_irqchip()->counters();
+    EXPECT_EQ(c.inits, kVcpus - 1);
+    EXPECT_EQ(c.init_deasserts, kVcpus - 1);
+    EXPECT_EQ(c.sipis, kVcpus - 1);
+  }
   const auto up = Records(**vm, 0, guest::AGGVM_REC_AP_UP);
   ASSERT_EQ(up.size(), 1u);
   EXPECT_EQ(up[0].a, (1u << kVcpus) - 1) << "every AP answered";
@@ -276,6 +284,46 @@ TEST_P(WorkloadTest, ApBringupStartsEveryAp) {
       EXPECT_GT(hello[0].b, up[0].b) << "AP " << i << " ran only after the INIT";
     }
   }
+}
+
+// `kernel` mode's InterruptInjector::Deliver (the path of messages routed from other nodes) sends an MSI, which KVM
+// delivers with level 1: an INIT level de-assert (SDM vol. 3, 11.6.1; it resets no processor) must not be sent, or
+// it resets the running AP. The real INIT afterwards proves the test sees a reset. (KVM_GET_MP_STATE waits for the
+// vCPU's mutex, which KVM_RUN holds: the AP is paused around each read.)
+TEST(KernelInjector, InitLevelDeassertResetsNothing) {
+  AGGVM_REQUIRE_KVM();
+  auto vm = ProbeVm::Create(ProbeConfig(guest::AGGVM_WORKLOAD_SPIN, 2, {vcpu::IrqchipMode::kKernel, true}));
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  ProbeVm& p = **vm;
+  ASSERT_TRUE(p.Start().ok());
+  ASSERT_TRUE(p.WaitForRecords(VcpuIndex(1), guest::AGGVM_REC_HELLO, 1, absl::Seconds(30)).ok()) << p.error();
+  auto mp_state = [&]() -> uint32_t {
+    auto& t = p.thread(VcpuIndex(1));
+    t.Pause();
+    EXPECT_TRUE(t.WaitForState(vcpu::VcpuThread::State::kPaused, absl::Seconds(5)));
+    auto mp = p.MpState(VcpuIndex(1));
+    t.Resume();
+    EXPECT_TRUE(mp.ok()) << mp.status();
+    return mp.value_or(~0u);
+  };
+  irqchip::InterruptMessage init;
+  init.mode = irqchip::DeliveryMode::kInit;
+  init.destination = 1;
+  init.x2apic_destination = true;
+  init.trigger = irqchip::TriggerMode::kLevel;
+  init.level = false;
+  EXPECT_EQ(p.injector().Deliver(init).code(), absl::StatusCode::kUnavailable);
+  const uint64_t h0 = p.Heartbeat(VcpuIndex(1));
+  EXPECT_TRUE(WaitUntil([&] { return p.Heartbeat(VcpuIndex(1)) > h0 + 100; }, 10s)) << "the de-assert reset the AP";
+  EXPECT_EQ(mp_state(), static_cast<uint32_t>(KVM_MP_STATE_RUNNABLE));
+
+  init.level = true;  // INIT assert: the AP stops and waits for a SIPI
+  ASSERT_TRUE(p.injector().Deliver(init).ok());
+  EXPECT_TRUE(WaitUntil([&] { return mp_state() == static_cast<uint32_t>(KVM_MP_STATE_INIT_RECEIVED); }, 10s));
+  const uint64_t h1 = p.Heartbeat(VcpuIndex(1));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(p.Heartbeat(VcpuIndex(1)), h1) << "the AP still runs after an INIT";
+  p.Stop();
 }
 
 INSTANTIATE_TEST_SUITE_P(Irqchip, WorkloadTest, AllApicSetups(), ApicSetupName);

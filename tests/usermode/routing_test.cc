@@ -205,6 +205,18 @@ TEST_F(X2apicRoutingTest, NmiInitSipiToRemoteGoToSink) {
   EXPECT_EQ(chip_.counters().inits, 0u) << "a remote INIT was applied here";
 }
 
+// x2APIC physical destinations above 255 name nobody here: not APIC ID 1 / 2 by their low byte, not the sink.
+TEST_F(X2apicRoutingTest, PhysicalIdsAbove255MatchNobody) {
+  SendX2(chip_, 0, 0x101, 0x40);         // low byte = local ID 1
+  SendX2(chip_, 0, 0x102, 0x41);         // low byte = remote ID 2
+  SendX2(chip_, 0, 0x8000'0001, kNmi);   // high bit set
+  EXPECT_FALSE(IrrHas(chip_, 1, 0x40));
+  EXPECT_TRUE(sink_.got.empty());
+  const vcpu::UserIrqchipCounters c = chip_.counters();
+  EXPECT_EQ(c.undelivered, 3u);
+  EXPECT_EQ(c.remote_ipis, 0u);
+}
+
 TEST_F(X2apicRoutingTest, RoutingAllocatesNothing) {
   SendX2(chip_, 0, 1, 0x40);  // warm-up
   const uint64_t before = ThreadAllocations();
@@ -273,12 +285,35 @@ TEST_F(X2apicRoutingTest, InitAndSipiRunState) {
   EXPECT_EQ(c.sipis_ignored, 1u);
   EXPECT_EQ(c.unsupported_events, 0u);
 
-  // INIT level de-assert (SDM 11.6.1) changes nothing.
-  init.destination = 0;
+  // INIT level de-assert (SDM 11.6.1) changes nothing: vCPU 1, started by the SIPI above, is not put back into
+  // WaitForSipi (a real INIT would).
   init.trigger = irqchip::TriggerMode::kLevel;
   init.level = false;
   EXPECT_EQ(chip_.Deliver(init), 0u);
-  EXPECT_FALSE(chip_.WaitingForSipi(VcpuIndex(0)));
+  EXPECT_FALSE(chip_.WaitingForSipi(VcpuIndex(1)));
+  EXPECT_EQ(chip_.counters().inits, 1u);
+}
+
+// The guest's ICR sends of INIT level de-assert (Linux sends one after every INIT of its AP bring-up) go nowhere:
+// not applied locally, and not to the sink — the master's delivery has no level bit, so the remote node would apply
+// a forwarded de-assert as a real INIT.
+TEST_F(X2apicRoutingTest, InitLevelDeassertIsNotRouted) {
+  constexpr uint32_t kTriggerLevel = 1u << 15;
+  SendX2(chip_, 0, 3, kInit | kTriggerLevel);             // remote physical
+  SendX2(chip_, 0, 1, kInit | kTriggerLevel);             // local physical
+  SendX2(chip_, 0, 0, kInit | kTriggerLevel | kAllExcl);  // every other vCPU, both nodes
+  EXPECT_TRUE(sink_.got.empty()) << "a de-assert was forwarded, mode " << static_cast<int>(sink_.got[0].message.mode);
+  EXPECT_FALSE(chip_.WaitingForSipi(VcpuIndex(1)));
+  EXPECT_FALSE(chip_.WaitingForSipi(VcpuIndex(2)));
+  const vcpu::UserIrqchipCounters c = chip_.counters();
+  EXPECT_EQ(c.init_deasserts, 3u);
+  EXPECT_EQ(c.inits, 0u);
+  EXPECT_EQ(c.remote_ipis, 0u);
+  EXPECT_EQ(c.undelivered, 0u);
+  // The assert form still goes to the sink (NmiInitSipiToRemoteGoToSink) and resets a local AP.
+  SendX2(chip_, 0, 1, kInit | kTriggerLevel | kAssert);
+  EXPECT_TRUE(chip_.WaitingForSipi(VcpuIndex(1)));
+  EXPECT_EQ(chip_.counters().inits, 1u);
 }
 
 TEST_F(X2apicRoutingTest, PriorityIsPpr) {
