@@ -429,6 +429,18 @@ void GlobalController::HandleFrame(transport::ReceivedFrame& rf) {
           counters_.pings.Add();
           return;
         }
+        if (p->op == ControlPayload::Op::kPriority) {
+          // The decoder checked arg0 < 1024 and arg1 <= 255; the vCPU must exist and run on the sender.
+          if (p->arg0 >= router_->vcpu_count()) {
+            counters_.dropped_unknown_vcpu.Add();
+          } else if (router_->vcpu(VcpuIndex(static_cast<uint32_t>(p->arg0))).node != from) {
+            counters_.dropped_wrong_node.Add();
+          } else {
+            (void)router_->UpdatePriority(VcpuIndex(static_cast<uint32_t>(p->arg0)), static_cast<uint8_t>(p->arg1));
+            counters_.priorities.Add();
+          }
+          return;
+        }
         if (p->op == ControlPayload::Op::kGoodbye) {
           NodeLost(from, absl::UnavailableError(fmt::format("node {} said goodbye on the data plane", from)));
           return;
@@ -467,7 +479,33 @@ void GlobalController::HandleInterrupt(NodeId from, const InterruptPayload& p, T
 }
 
 void GlobalController::HandleIpi(NodeId from, const IpiPayload& p, TraceBlock* trace) {
+  if (p.mode == irqchip::DeliveryMode::kInit && p.level == 0 && p.trigger_level != 0) {
+    // INIT level de-assert: no effect (SDM vol. 3, 11.6.1); a kDeliver carries no level bit and would become an INIT.
+    counters_.init_deasserts.Add();
+    return;
+  }
   const uint32_t src = p.source_vcpu.value();
+  if (src == transport::kIpiSourceProxyResolved) {
+    // Caught by a proxy vCPU on `from` (docs/proxy.md): the node's KVM already resolved the destination to this one
+    // APIC ID, and the sender is unknown. The decoder let it through only as physical without shorthand; checked
+    // again here because the Router would otherwise read `source` for a shorthand.
+    if (p.dest_logical != 0 || p.shorthand != 0) {
+      counters_.dropped_unknown_vcpu.Add();
+      return;
+    }
+    InterruptMessage m;
+    m.vector = p.vector;
+    m.mode = p.mode;
+    m.dest_mode = DestMode::kPhysical;
+    m.trigger = p.trigger_level ? TriggerMode::kLevel : TriggerMode::kEdge;
+    m.level = p.level != 0;
+    m.destination = p.destination;
+    m.x2apic_destination = true;  // a full APIC ID, not an 8-bit xAPIC destination field
+    counters_.ipis.Add();
+    counters_.ipis_proxy_resolved.Add();
+    RouteAndDeliver(m, std::nullopt, from, trace, kNoIpiSource);
+    return;
+  }
   if (src >= router_->vcpu_count()) {
     counters_.dropped_unknown_vcpu.Add();
     return;

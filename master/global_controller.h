@@ -8,7 +8,9 @@
 //                            pin's redirection entry becomes a message -> Router -> one kDeliver per delivery to the
 //                            node owning the chosen vCPU (level-triggered: level_triggered = 1 and the gsi)
 //   kInterrupt msi        -> irqchip::DecodeMsiRaw -> Router -> kDeliver
-//   kIpi                  -> message (source = the sending vCPU's APIC) -> Router -> kDeliver (ipi_source_vcpu set)
+//   kIpi                  -> message (source = the sending vCPU's APIC) -> Router -> kDeliver (ipi_source_vcpu set);
+//                            source kIpiSourceProxyResolved (a node's proxy vCPU caught it): physical destination
+//                            only, no sender check, ipi_source_vcpu all ones
 //   kEoi                  -> IoApic::Eoi(vector): remote IRR cleared; a pin still asserted fires again
 //   kIoRequest            -> PIO: PioBus (UART 0x3F8, doorbell 0x0A70); MMIO: the IOAPIC window -> kIoResponse
 //                            (no device: status 1, reads all ones)
@@ -99,6 +101,7 @@ struct GlobalControllerCounters {
   Counter gsi_changes;       // accepted kInterrupt GSI level frames
   Counter msis;              // accepted kInterrupt MSI frames
   Counter ipis;              // accepted kIpi frames
+  Counter ipis_proxy_resolved;  // of which caught by a proxy vCPU (source unknown, one physical APIC ID)
   Counter raised;            // messages put on the bus: IOAPIC pin fired, MSI decoded, IPI
   Counter routed;            // Router decisions naming >= 1 vCPU
   Counter delivered;         // kDeliver frames sent
@@ -108,7 +111,9 @@ struct GlobalControllerCounters {
   Counter io_no_device;      // of which answered "no device" (status 1)
   Counter rings;             // kRaiseGsi frames sent (doorbell)
   Counter pings;             // kControl ping frames received
+  Counter priorities;        // kControl priority frames applied to the Router (a vCPU's PPR, lowest priority)
   Counter nodes_lost;
+  Counter init_deasserts;    // kIpi INIT level de-asserts: ignored as CPUs do (SDM vol. 3, 11.6.1)
   // Drops, by reason.
   Counter dropped_unknown_node;     // from a node that is not part of the VM
   Counter dropped_unknown_vcpu;     // names a vCPU index the VM does not have

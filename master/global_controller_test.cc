@@ -213,6 +213,113 @@ TEST(GlobalController, MsiIsDecodedAndRouted) {
   EXPECT_EQ(f->gc->counters().msis, 1u);
 }
 
+// Issue 6: guest IPIs. A proxy-resolved IPI (a node's proxy vCPU caught it; sender unknown) names one physical APIC
+// ID and is routed without a sender check; an ICR from a known sender is routed with its sender (shorthands).
+TEST(GlobalController, GuestIpisAreRoutedToTheirOwners) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  auto ipi = [](uint32_t source, uint32_t dest, DeliveryMode mode, uint8_t vector, uint8_t shorthand = 0) {
+    transport::Frame m;
+    m.type = FrameType::kIpi;
+    transport::IpiPayload p;
+    p.source_vcpu = VcpuIndex(source);
+    p.destination = dest;
+    p.mode = mode;
+    p.vector = Vector(vector);
+    p.shorthand = shorthand;
+    m.payload = p;
+    return m;
+  };
+  f->Send(kA, ipi(transport::kIpiSourceProxyResolved, 5, DeliveryMode::kNmi, 0));
+  DeliverPayload d = ExpectDeliver(f->node(kC));
+  EXPECT_EQ(d.vcpu, VcpuIndex(5));
+  EXPECT_EQ(d.mode, DeliveryMode::kNmi);
+  EXPECT_EQ(d.ipi_source_vcpu, transport::kIpiSourceProxyResolved);
+  f->Send(kA, ipi(transport::kIpiSourceProxyResolved, 2, DeliveryMode::kStartup, 0x9F));
+  d = ExpectDeliver(f->node(kB));
+  EXPECT_EQ(d.vcpu, VcpuIndex(2));
+  EXPECT_EQ(d.mode, DeliveryMode::kStartup);
+  EXPECT_EQ(d.vector, Vector(0x9F));
+  // From a known sender: all-excluding-self from vCPU 1 reaches the five others, on every node.
+  f->Send(kA, ipi(1, 0, DeliveryMode::kFixed, 0x40, 3));
+  EXPECT_EQ(ExpectDeliver(f->node(kA)).vcpu, VcpuIndex(0));
+  for (NodeId n : {kB, kC}) {
+    for (int i = 0; i < 2; ++i) EXPECT_EQ(ExpectDeliver(f->node(n)).ipi_source_vcpu, 1u);
+  }
+  // A proxy-resolved IPI to an APIC ID nobody has, and an ICR claiming another node's vCPU as sender.
+  f->Send(kA, ipi(transport::kIpiSourceProxyResolved, 0x77, DeliveryMode::kFixed, 0x40));
+  f->Send(kA, ipi(4, 0, DeliveryMode::kFixed, 0x40));
+  ASSERT_TRUE(WaitFor([&] { return f->gc->counters().frames_received == 5; }));
+  const auto c = f->gc->counters();
+  EXPECT_EQ(c.ipis, 4u);
+  EXPECT_EQ(c.ipis_proxy_resolved, 3u);
+  EXPECT_EQ(c.dropped_no_destination, 1u);
+  EXPECT_EQ(c.dropped_wrong_node, 1u);
+  EXPECT_EQ(c.delivered, 7u);
+}
+
+// An INIT level de-assert (ICR level 0, trigger level; SDM vol. 3, 11.6.1) has no effect on a CPU: the master must not
+// turn it into a kDeliver (which carries no level bit and would reset the owner's vCPU). An INIT assert still goes.
+TEST(GlobalController, InitLevelDeassertIsNotDelivered) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  auto init = [](bool assert_level) {
+    transport::Frame m;
+    m.type = FrameType::kIpi;
+    transport::IpiPayload p;
+    p.source_vcpu = VcpuIndex(1);
+    p.destination = 2;
+    p.mode = DeliveryMode::kInit;
+    p.level = assert_level ? 1 : 0;
+    p.trigger_level = 1;
+    m.payload = p;
+    return m;
+  };
+  f->Send(kA, init(false));
+  f->Send(kA, init(true));
+  const DeliverPayload d = ExpectDeliver(f->node(kB));
+  EXPECT_EQ(d.vcpu, VcpuIndex(2));
+  EXPECT_EQ(d.mode, DeliveryMode::kInit);
+  ASSERT_TRUE(WaitFor([&] { return f->gc->counters().frames_received == 2; }));
+  const auto c = f->gc->counters();
+  EXPECT_EQ(c.init_deasserts, 1u);
+  EXPECT_EQ(c.delivered, 1u);
+}
+
+// Issue 6: a node reports its vCPUs' PPR (kControl priority); lowest-priority IPIs then go to the lowest one.
+TEST(GlobalController, ReportedPrioritiesDecideLowestPriorityIpis) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  auto prio = [](uint32_t vcpu, uint8_t ppr) {
+    transport::Frame m;
+    m.type = FrameType::kControl;
+    m.payload = ControlPayload{.op = ControlPayload::Op::kPriority, .arg0 = vcpu, .arg1 = ppr};
+    return m;
+  };
+  f->Send(kA, prio(0, 0x30));
+  f->Send(kA, prio(1, 0x20));
+  f->Send(kB, prio(2, 0x50));
+  f->Send(kB, prio(3, 0x60));
+  f->Send(kC, prio(4, 0x40));
+  f->Send(kC, prio(5, 0x10));  // the lowest
+  f->Send(kA, prio(5, 0x00));  // vCPU 5 is C's: refused
+  ASSERT_TRUE(WaitFor([&] { return f->gc->counters().frames_received == 7; }));
+  EXPECT_EQ(f->gc->counters().priorities, 6u);
+  EXPECT_EQ(f->gc->counters().dropped_wrong_node, 1u);
+  transport::Frame m;
+  m.type = FrameType::kIpi;
+  transport::IpiPayload p;
+  p.source_vcpu = VcpuIndex(0);
+  p.mode = DeliveryMode::kLowestPriority;
+  p.vector = Vector(0x50);
+  p.shorthand = 2;  // all including self
+  m.payload = p;
+  f->Send(kA, m);
+  const DeliverPayload d = ExpectDeliver(f->node(kC));
+  EXPECT_EQ(d.vcpu, VcpuIndex(5));
+  EXPECT_EQ(d.mode, DeliveryMode::kFixed) << "the arbitration is final";
+}
+
 TEST(GlobalController, FramesNamingUnknownThingsAreCountedAndDropped) {
   auto f = Fixture::Make({{1, RedirectionEntry(Vector(0x21), DeliveryMode::kFixed, DestMode::kPhysical,
                                                TriggerMode::kEdge, 0x3F)}});  // APIC 0x3F: no such vCPU

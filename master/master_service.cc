@@ -470,6 +470,8 @@ void AddCounters(const GlobalControllerCounters& c, v1::RoutingTable* out) {
   m["gsi_changes"] = c.gsi_changes;
   m["msis"] = c.msis;
   m["ipis"] = c.ipis;
+  m["ipis_proxy_resolved"] = c.ipis_proxy_resolved;
+  m["priorities"] = c.priorities;
   m["raised"] = c.raised;
   m["routed"] = c.routed;
   m["delivered"] = c.delivered;

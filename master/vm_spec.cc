@@ -34,6 +34,10 @@ constexpr WorkloadName kWorkloads[] = {
     {"irq-sink", guest::AGGVM_WORKLOAD_IRQ_SINK}, {"spin", guest::AGGVM_WORKLOAD_SPIN},
     {"exit-loop", guest::AGGVM_WORKLOAD_EXIT_LOOP}, {"bad-port", guest::AGGVM_WORKLOAD_BAD_PORT},
     {"unmapped", guest::AGGVM_WORKLOAD_UNMAPPED}, {"triple-fault", guest::AGGVM_WORKLOAD_TRIPLE_FAULT},
+    // Issue 6 IPI workloads (their fields are checked by the agent, node-agent/cluster_vm_host.cc).
+    {"ipi-broadcast", guest::AGGVM_WORKLOAD_IPI_BROADCAST}, {"nmi", guest::AGGVM_WORKLOAD_NMI},
+    {"ipi-nowhere", guest::AGGVM_WORKLOAD_IPI_NOWHERE}, {"lowest-priority", guest::AGGVM_WORKLOAD_LOWEST_PRIORITY},
+    {"ap-bringup", guest::AGGVM_WORKLOAD_AP_BRINGUP},
 };
 static_assert(kMaxVcpus == AGGVM_MAX_VCPUS, "the spec limit is the guest ABI's");
 
@@ -362,6 +366,22 @@ absl::Status ValidateVmSpec(const v1::VmSpec& spec, const SpecContext& ctx) {
     if (w.ipi_vector() < kMinVector || w.ipi_vector() > kMaxVector) {
       err(fmt::format("workload.ipi_vector: {} is outside {}..{}", w.ipi_vector(), kMinVector, kMaxVector));
     }
+  }
+  // Issue 6 workload fields (the agent maps them to ProbeVmConfig; the guest checks the rest).
+  if (!w.dest_kind().empty() && w.dest_kind() != "all-excluding-self" && w.dest_kind() != "all-including-self" &&
+      w.dest_kind() != "physical-broadcast" && w.dest_kind() != "x2apic-logical") {
+    err(fmt::format("workload.dest_kind: unknown '{}'; use all-excluding-self, all-including-self, physical-broadcast "
+                    "or x2apic-logical", w.dest_kind()));
+  }
+  if (n_ok && static_cast<uint32_t>(w.tpr_size()) > n) {
+    err(fmt::format("workload.tpr: {} entries for {} vCPUs", w.tpr_size(), n));
+  }
+  for (int i = 0; i < w.tpr_size(); ++i) {
+    if (w.tpr(i) > 0xFF) err(fmt::format("workload.tpr[{}]: {} is not a TPR value (0..255)", i, w.tpr(i)));
+  }
+  if (n_ok && w.has_nowhere_apic_id() && w.nowhere_apic_id() < n) {
+    err(fmt::format("workload.nowhere_apic_id: APIC ID {} belongs to vCPU {}; pick one >= vcpus ({})",
+                    w.nowhere_apic_id(), w.nowhere_apic_id(), n));
   }
 
   if (errs.empty()) return absl::OkStatus();

@@ -118,6 +118,22 @@ TEST(VmSpec, ZeroVcpus) {
   EXPECT_THAT(Message(Check(spec)), HasSubstr("vcpus: 0 vCPUs"));
 }
 
+TEST(VmSpec, Issue6WorkloadFieldsAreChecked) {
+  auto spec = Good();
+  spec.set_route_mode(v1::ROUTE_MODE_DIRECT);
+  spec.mutable_workload()->set_name("lowest-priority");
+  spec.mutable_workload()->set_dest_kind("x2apic-logical");
+  EXPECT_TRUE(Check(spec).ok()) << Check(spec);
+  spec.mutable_workload()->set_dest_kind("everyone");
+  EXPECT_THAT(Message(Check(spec)), HasSubstr("workload.dest_kind: unknown 'everyone'"));
+  spec.mutable_workload()->clear_dest_kind();
+  spec.mutable_workload()->add_tpr(0x100);
+  EXPECT_THAT(Message(Check(spec)), HasSubstr("workload.tpr[0]: 256"));
+  spec.mutable_workload()->clear_tpr();
+  spec.mutable_workload()->set_nowhere_apic_id(0);
+  EXPECT_THAT(Message(Check(spec)), HasSubstr("workload.nowhere_apic_id: APIC ID 0 belongs to vCPU 0"));
+}
+
 TEST(VmSpec, TooManyVcpus) {
   auto spec = Good();
   spec.set_vcpus(65);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <bitset>
 #include <condition_variable>
+#include <mutex>
 #include <stop_token>
 #include <thread>
 #include <vector>
@@ -15,6 +16,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "irqchip/destination.h"
 #include "node-agent/injector_vm_port.h"
 #include "node-agent/io_forwarder.h"
 #include "node-agent/local_controller.h"
@@ -24,6 +26,8 @@
 #include "transport/tcp_transport.h"
 #include "vcpu/kvm.h"
 #include "vcpu/msi.h"
+#include "vcpu/proxy_vcpu.h"
+#include "vcpu/user_irqchip.h"
 #include "vcpu/vm.h"
 
 namespace aggvm::agent {
@@ -43,6 +47,8 @@ constexpr uint32_t kDefaultIterations = 1000;
 // GSIs below the split irqchip's reserved IOAPIC pins (ProbeVm enables 24) are the only ones KVM scans for level
 // routes (kvm_scan_ioapic_routes).
 constexpr uint32_t kLevelRouteGsis = 24;
+// ProxySet's limit (proxy_stub_abi.h: 64 KiB of 1 KiB stacks).
+constexpr size_t kMaxProxies = 64;
 
 struct HostPort {
   std::string host;
@@ -102,7 +108,7 @@ absl::StatusOr<std::string> ResolveListenAddress(const std::string& address) {
 class ClusterVmPort final : public VmPort {
  public:
   ClusterVmPort(ProbeVm& vm, std::vector<ApicId> apic_ids, bool x2apic)
-      : vm_(vm), inner_(&vm.injector(), std::move(apic_ids)), x2apic_(x2apic) {}
+      : vm_(vm), apic_ids_(apic_ids), inner_(&vm.injector(), std::move(apic_ids)), x2apic_(x2apic) {}
 
   absl::Status Inject(VcpuIndex vcpu, Vector vector, irqchip::DeliveryMode mode, bool level_triggered) override {
     if (level_triggered && vm_.irqchip_mode() == vcpu::IrqchipMode::kKernel && !routed_.test(vector.value())) {
@@ -123,6 +129,24 @@ class ClusterVmPort final : public VmPort {
         exhausted_.fetch_add(1, std::memory_order_relaxed);
       }
     }
+    if (vcpu::UserIrqchip* chip = vm_.user_irqchip()) {
+      // `user` mode: straight into the userspace router (fixed, NMI, INIT, SIPI; the master / the sender already
+      // chose this one vCPU), physical destination = its APIC ID.
+      if (vcpu.value() >= apic_ids_.size()) {
+        return absl::InvalidArgumentError(fmt::format("inject: vCPU {} is not a vCPU of this VM", vcpu));
+      }
+      irqchip::InterruptMessage m;
+      m.vector = vector;
+      m.mode = mode;
+      m.dest_mode = irqchip::DestMode::kPhysical;
+      m.trigger = level_triggered ? irqchip::TriggerMode::kLevel : irqchip::TriggerMode::kEdge;
+      m.destination = apic_ids_[vcpu.value()].value();
+      m.x2apic_destination = true;
+      if (chip->Deliver(m) == 0) {
+        return absl::UnavailableError(fmt::format("inject: no local APIC accepted vector {} for vCPU {}", vector, vcpu));
+      }
+      return absl::OkStatus();
+    }
     return inner_.Inject(vcpu, vector, mode, level_triggered);
   }
 
@@ -132,6 +156,7 @@ class ClusterVmPort final : public VmPort {
 
  private:
   ProbeVm& vm_;
+  const std::vector<ApicId> apic_ids_;
   InjectorVmPort inner_;
   const bool x2apic_;
   std::bitset<256> routed_;
@@ -139,6 +164,80 @@ class ClusterVmPort final : public VmPort {
   std::atomic<uint64_t> level_routes_{0};
   std::atomic<uint64_t> exhausted_{0};
   std::atomic<uint64_t> route_failures_{0};
+};
+
+// `kernel` mode: what the proxy vCPUs caught goes to the LocalController, which forwards it per route mode. APIC
+// IDs at or above `first_nowhere` belong to no vCPU of the VM (the "nowhere" proxies): counted, dropped. Proxy
+// threads call this; no allocation, no lock but the send spinlock.
+class ProxyForwarder final : public vcpu::ProxySink {
+ public:
+  ProxyForwarder(LocalController* const* lc, uint32_t first_nowhere) : lc_(lc), first_nowhere_(first_nowhere) {}
+  void OnRemoteIpi(ApicId remote, Vector vector) override { Forward(remote, irqchip::DeliveryMode::kFixed, vector); }
+  void OnRemoteNmi(ApicId remote) override { Forward(remote, irqchip::DeliveryMode::kNmi, Vector(0)); }
+  void OnRemoteInit(ApicId remote) override { Forward(remote, irqchip::DeliveryMode::kInit, Vector(0)); }
+  void OnRemoteSipi(ApicId remote, uint8_t vector) override {
+    Forward(remote, irqchip::DeliveryMode::kStartup, Vector(vector));
+  }
+
+ private:
+  void Forward(ApicId remote, irqchip::DeliveryMode mode, Vector vector) {
+    LocalController* lc = *lc_;
+    if (remote.value() >= first_nowhere_) {
+      lc->CountNowhere();
+      return;
+    }
+    lc->ForwardIpi(remote, mode, vector);
+  }
+  LocalController* const* lc_;
+  const uint32_t first_nowhere_;
+};
+
+// `user` mode: ICR messages the user irqchip hands over (they may name remote vCPUs). `source` is the sender's
+// position in the UserIrqchip, i.e. in the local vCPU list.
+//
+// It also keeps the master's copy of each local vCPU's priority (PPR) current for lowest-priority arbitration: at
+// each TPR write, and before forwarding a vCPU's IPI if its PPR changed (the frame precedes the IPI on the link to
+// the master, so the EOI of a handler is known to the Router before anything that IPI causes — e.g. another vCPU's
+// lowest-priority IPI sent once this one answered). Without them the Router arbitrates with the poller's values, 5
+// to 10 ms old: TPRs not yet reported after boot, or a PPR sampled while a slow handler had its vector in service.
+// The poller (ReportIfStable) still reports the other changes. One mutex orders the three so that a stale sample
+// never overwrites a fresher report.
+class IcrForwarder final : public vcpu::RemoteIpiSink {
+ public:
+  IcrForwarder(LocalController* const* lc, std::vector<VcpuIndex> local, vcpu::UserIrqchip* chip)
+      : lc_(lc), local_(std::move(local)), chip_(chip), reported_(local_.size(), 0) {}
+  void OnRemoteIcr(VcpuIndex source, const irqchip::InterruptMessage& message) override {
+    const bool local = source.value() < local_.size();
+    if (local) {
+      std::lock_guard l(mu_);  // held for one PPR read and one frame; the poller holds it no longer
+      ReportLocked(source.value(), chip_->Priority(source));
+    }
+    (*lc_)->ForwardIcr(local ? local_[source.value()] : source, message);
+  }
+  // A TPR write: reported at once, before the guest runs on (it may tell other vCPUs by a local IPI or in memory).
+  void OnTprWrite(VcpuIndex vcpu) override {
+    if (vcpu.value() >= local_.size()) return;
+    std::lock_guard l(mu_);
+    ReportLocked(vcpu.value(), chip_->Priority(vcpu));
+  }
+  // Poller: reports local vCPU `i`'s PPR if it still equals `sampled` (two samples agreed on it) and changed.
+  void ReportIfStable(size_t i, uint8_t sampled) {
+    std::lock_guard l(mu_);
+    const uint8_t ppr = chip_->Priority(VcpuIndex(static_cast<uint32_t>(i)));
+    if (ppr == sampled) ReportLocked(i, ppr);
+  }
+
+ private:
+  void ReportLocked(size_t i, uint8_t ppr) {
+    if (ppr == reported_[i]) return;
+    reported_[i] = ppr;
+    (*lc_)->ReportPriority(local_[i], ppr);
+  }
+  LocalController* const* lc_;
+  const std::vector<VcpuIndex> local_;
+  vcpu::UserIrqchip* const chip_;
+  std::mutex mu_;
+  std::vector<uint8_t> reported_;  // (mu_) the master starts every vCPU at priority 0
 };
 
 }  // namespace
@@ -153,8 +252,14 @@ struct ClusterVmHost::Runtime {
   std::unique_ptr<ClusterVmPort> port;
   std::unique_ptr<LocalController> lc;
   std::unique_ptr<IoForwarder> io;
+  LocalController* lc_raw = nullptr;            // what the forwarders read (set once lc exists, before any start)
+  std::unique_ptr<ProxyForwarder> proxy_sink;   // kernel mode
+  std::unique_ptr<vcpu::ProxySet> proxies;      // kernel mode: one proxy per remote vCPU + the nowhere proxies
+  std::vector<ApicId> proxy_ids;
+  std::unique_ptr<IcrForwarder> icr_sink;       // user mode
   std::vector<transport::PeerEndpoint> peers;
   std::jthread dataplane;
+  std::jthread priority_reporter;  // user mode with remote vCPUs: local PPR changes -> master (lowest priority)
 
   std::mutex mu;
   std::condition_variable cv;
@@ -166,6 +271,11 @@ struct ClusterVmHost::Runtime {
   std::atomic<uint64_t> io_no_device{0};
 
   ~Runtime() {
+    if (priority_reporter.joinable()) {
+      priority_reporter.request_stop();
+      priority_reporter.join();
+    }
+    if (proxies) proxies->Stop();  // before the VM (they are vCPUs of it) and before lc / transport (they send)
     if (vm) vm->Stop();
     if (dataplane.joinable()) {
       dataplane.request_stop();
@@ -173,6 +283,7 @@ struct ClusterVmHost::Runtime {
     }
     if (transport) transport->Close();
     io.reset();
+    proxies.reset();
     lc.reset();
     port.reset();
     vm.reset();
@@ -270,6 +381,20 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   c.ping_vcpu = VcpuIndex(spec.workload().ping_vcpu());
   c.pong_vcpu = VcpuIndex(spec.workload().pong_vcpu());
   if (spec.workload().ipi_vector() != 0) c.ipi_vector = Vector(static_cast<uint8_t>(spec.workload().ipi_vector()));
+  const v1::Workload& w = spec.workload();
+  if (!w.dest_kind().empty()) {
+    auto dk = ParseDestKind(w.dest_kind());
+    if (!dk.ok()) return bad(fmt::format("workload.dest_kind: {}", std::string(dk.status().message())));
+    c.dest_kind = *dk;
+  }
+  c.dest = w.dest();
+  if (w.expected_answers() != 0) c.expected_answers = w.expected_answers();
+  c.nowhere_apic_id = w.has_nowhere_apic_id() ? w.nowhere_apic_id() : spec.vcpus();
+  for (uint32_t t : w.tpr()) {
+    if (t > 0xFF) return bad(fmt::format("workload.tpr: {} is not a TPR value (0..255)", t));
+    c.tpr.push_back(static_cast<uint8_t>(t));
+  }
+  if (w.timeout_ms() != 0) c.timeout_ms = w.timeout_ms();
   c.memory_bytes = (spec.memory_mib() != 0 ? spec.memory_mib() : 64) << 20;
   c.local_vcpus = plan.local_vcpus;
   c.uart_console = true;
@@ -347,6 +472,10 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   lcc.num_vcpus = spec.vcpus();
   lcc.owned = plan.local_vcpus;
   lcc.wait_mode = wait_mode;
+  lcc.apic_ids = apic_ids;
+  for (uint32_t n : vcpu_node) lcc.vcpu_node.push_back(NodeId(n));
+  lcc.direct_ipis = spec.route_mode() == v1::ROUTE_MODE_DIRECT;
+  lcc.trace_ipis = options_.trace_ipis;
   // Traced frames injected here: their trace block goes to the VM's watchers as a kTraceRecordType record.
   lcc.on_trace = [r, v = plan.local_vcpus.empty() ? VcpuIndex(0) : plan.local_vcpus.front()](
                      const transport::TraceBlock& t) {
@@ -360,7 +489,46 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   auto lc = LocalController::Create(std::move(lcc), r->transport.get(), r->port.get());
   if (!lc.ok()) return lc.status();
   r->lc = *std::move(lc);
+  r->lc_raw = r->lc.get();
   r->io = std::make_unique<IoForwarder>(r->lc.get(), spec.vcpus(), options_.io);
+
+  // Guest IPIs to the vCPUs that run elsewhere (docs/proxy.md).
+  std::vector<ApicId> remote;
+  for (uint32_t v = 0; v < spec.vcpus(); ++v) {
+    if (vcpu_node[v] != plan.node_id.value()) remote.push_back(apic_ids[v]);
+  }
+  if (r->vm->irqchip_mode() == vcpu::IrqchipMode::kKernel && !remote.empty()) {
+    if (remote.size() > kMaxProxies) {
+      return bad(fmt::format("{} vCPUs run on other nodes; kernel irqchip mode supports at most {} proxy vCPUs per "
+                             "node (use irqchip user, or place more vCPUs on this node)",
+                             remote.size(), kMaxProxies));
+    }
+    r->proxy_ids = remote;
+    const uint32_t nowhere = std::min<uint32_t>(options_.nowhere_proxies, kMaxProxies - remote.size());
+    for (uint32_t i = 0; i < nowhere; ++i) r->proxy_ids.push_back(ApicId(spec.vcpus() + i));
+    r->proxy_sink = std::make_unique<ProxyForwarder>(&r->lc_raw, spec.vcpus());
+    vcpu::ProxyConfig pc;
+    pc.remote = r->proxy_ids;
+    auto ps = vcpu::ProxySet::Create(r->vm->kvm(), r->vm->vm(), std::move(pc), *r->proxy_sink);
+    if (!ps.ok()) {
+      return absl::Status(ps.status().code(), fmt::format("VM '{}' on node '{}': proxy vCPUs for APIC IDs {}: {}", name,
+                                                          plan.node, fmt::join(r->proxy_ids, ","),
+                                                          std::string(ps.status().message())));
+    }
+    r->proxies = *std::move(ps);
+  }
+  if (vcpu::UserIrqchip* chip = r->vm->user_irqchip(); chip != nullptr && !remote.empty()) {
+    r->icr_sink = std::make_unique<IcrForwarder>(&r->lc_raw, plan.local_vcpus, chip);
+    std::vector<irqchip::ApicAddressing> addressing;
+    for (ApicId id : remote) {
+      irqchip::ApicAddressing a;
+      a.id = id;
+      a.x2apic = !spec.workload().xapic();
+      if (a.x2apic) a.ldr = irqchip::X2apicLdrFromId(id);
+      addressing.push_back(a);
+    }
+    chip->SetRemote(addressing, r->icr_sink.get());
+  }
 
   const absl::Duration connect_timeout = options_.connect_timeout;
   r->dataplane = std::jthread([this, r, connect_timeout](std::stop_token stop) {
@@ -433,8 +601,39 @@ absl::Status ClusterVmHost::Start() {
     return absl::Status(connected.code(), fmt::format("VM '{}' cannot start on node '{}': {}", r.vm_name, r.node,
                                                       std::string(connected.message())));
   }
+  if (r.proxies) {
+    if (auto s = r.proxies->Start(); !s.ok()) {
+      return absl::Status(s.code(), fmt::format("VM '{}' cannot start on node '{}': proxy vCPUs: {}", r.vm_name, r.node,
+                                                std::string(s.message())));
+    }
+  }
   if (auto s = r.vm->Start(); !s.ok()) return s;
   r.started = true;
+  vcpu::UserIrqchip* chip = r.vm->user_irqchip();
+  if (chip != nullptr && r.icr_sink != nullptr && options_.priority_report_interval > absl::ZeroDuration()) {
+    // Polls each local vCPU's PPR (one APIC lock each) and reports changes: the master's Router arbitrates
+    // lowest-priority IPIs with these values. Not per interrupt: at most one frame per vCPU per interval.
+    // vCPUs that send IPIs report before each one (IcrForwarder); this covers those that only receive.
+    r.priority_reporter = std::jthread([&r, chip, interval = absl::ToChronoNanoseconds(
+                                                       options_.priority_report_interval)](std::stop_token stop) {
+      const size_t local = r.vm->local_vcpus().size();
+      // A PPR raised by an interrupt in service lasts only as long as its handler: a sample that lands there would
+      // steer the next arbitrations away for a whole interval. Report a value only once two consecutive samples
+      // agree (a TPR change is thus seen after one to two intervals).
+      std::vector<uint8_t> previous(local, 0);
+      std::mutex m;
+      std::condition_variable_any cv;
+      while (!stop.stop_requested()) {
+        for (size_t i = 0; i < local; ++i) {
+          const uint8_t ppr = chip->Priority(VcpuIndex(static_cast<uint32_t>(i)));
+          if (ppr == previous[i]) r.icr_sink->ReportIfStable(i, ppr);
+          previous[i] = ppr;
+        }
+        std::unique_lock l(m);
+        cv.wait_for(l, stop, interval, [] { return false; });
+      }
+    });
+  }
   Log(fmt::format("started VM '{}' on node '{}'", r.vm_name, r.node));
   return absl::OkStatus();
 }
@@ -487,7 +686,12 @@ std::map<std::string, uint64_t> ClusterVmHost::Stats() {
       {"send_failed", c.send_failed},         {"master_lost", c.master_lost},
       {"dropped_not_owned", c.dropped_not_owned}, {"dropped_unknown_vcpu", c.dropped_unknown_vcpu},
       {"dropped_bad_control", c.dropped_bad_control}, {"dropped_unexpected", c.dropped_unexpected},
-      {"dropped_no_forwarder", c.dropped_no_forwarder}};
+      {"dropped_no_forwarder", c.dropped_no_forwarder},
+      {"ipis_via_master", c.ipis_via_master}, {"ipis_direct", c.ipis_direct},
+      {"ipis_to_nowhere", c.ipis_to_nowhere}, {"ipis_send_failed", c.ipis_send_failed},
+      {"direct_received", c.direct_received}, {"dropped_unknown_peer", c.dropped_unknown_peer},
+      {"delivered_nmi", c.delivered_nmi},     {"delivered_init", c.delivered_init},
+      {"delivered_sipi", c.delivered_sipi},   {"priorities_sent", c.priorities_sent}};
   for (auto [k, v] : lc_counters) m[fmt::format("local_controller.{}", k)] = v;
   const IoForwarderCounters f = r.io->counters();
   const std::pair<const char*, uint64_t> io_counters[] = {
@@ -510,6 +714,23 @@ std::map<std::string, uint64_t> ClusterVmHost::Stats() {
   m["vm.level_routes"] = r.port->level_routes();
   m["vm.level_routes_exhausted"] = r.port->exhausted();
   m["vm.level_route_failures"] = r.port->route_failures();
+  if (r.proxies) {
+    vcpu::ProxyStats sum;
+    for (ApicId id : r.proxy_ids) {
+      const vcpu::ProxyStats p = r.proxies->stats(id);
+      sum.ipis += p.ipis;
+      sum.nmis += p.nmis;
+      sum.inits += p.inits;
+      sum.sipis += p.sipis;
+      sum.restores += p.restores;
+    }
+    m["proxies.count"] = r.proxy_ids.size();
+    m["proxies.ipis"] = sum.ipis;
+    m["proxies.nmis"] = sum.nmis;
+    m["proxies.inits"] = sum.inits;
+    m["proxies.sipis"] = sum.sipis;
+    m["proxies.restores"] = sum.restores;
+  }
   {
     std::lock_guard l(r.mu);
     m["dataplane.connected"] = r.connect_done && r.connect_status.ok() ? 1 : 0;
@@ -523,6 +744,8 @@ std::map<std::string, uint64_t> ClusterVmHost::Stats() {
     m["user_irqchip.ipis"] = u.ipis;
     m["user_irqchip.eoi_broadcasts"] = u.eoi_broadcasts;
     m["user_irqchip.halts"] = u.halts;
+    m["user_irqchip.nmis"] = u.nmis;
+    m["user_irqchip.unsupported_events"] = u.unsupported_events;
   }
   return m;
 }

@@ -24,6 +24,12 @@
 // level vectors per VM; a delivery beyond that is still injected but its EOI cannot be reported (counted in
 // `level_routes_exhausted`: the master's remote IRR for that pin then stays set).
 //
+// Guest IPIs to vCPUs on other nodes (issue 6; docs/proxy.md, docs/dataplane.md): in `kernel` mode a vcpu::ProxySet
+// with a proxy vCPU per remote vCPU plus `nowhere_proxies` for unused APIC IDs, its sink calling
+// LocalController::ForwardIpi; in `user` mode UserIrqchip::SetRemote with a RemoteIpiSink calling ForwardIcr, and a
+// thread reporting local PPR changes to the master (lowest priority). The spec's route_mode picks via-master or
+// direct. Proxies start before the vCPUs and stop before them.
+//
 // Start waits (bounded by connect_timeout) for the data-plane mesh before running the vCPUs; Pause/Start pause and
 // resume them; Stop stops the vCPUs, then the data-plane thread, then closes the transport. A lost master ends the
 // data-plane thread and stops the vCPUs (logged). No per-interrupt logging, allocation or lock on the paths above.
@@ -68,6 +74,15 @@ struct ClusterVmHostOptions {
   absl::Duration connect_timeout = absl::Seconds(20);
   /// Forwarded I/O: how long a vCPU waits for the master's answer.
   IoForwarderOptions io;
+  /// `kernel` irqchip mode: proxy vCPUs for this many APIC IDs that no vCPU has (num_vcpus, num_vcpus + 1, ...):
+  /// a guest IPI to one of them is counted in local_controller.ipis_to_nowhere instead of vanishing in KVM.
+  uint32_t nowhere_proxies = 2;
+  /// Forwarded guest IPIs carry a trace block (hops as for device interrupts; the owner reports it as a
+  /// kTraceRecordType record). Off by default: it adds one record per IPI.
+  bool trace_ipis = false;
+  /// `user` irqchip mode with vCPUs on other nodes: how often each local vCPU's PPR is checked and, when it changed,
+  /// reported to the master (kControl priority) for lowest-priority arbitration. Zero disables.
+  absl::Duration priority_report_interval = absl::Milliseconds(5);
   /// Notable events (one line each; never per interrupt). May be empty.
   std::function<void(const std::string&)> log;
 };

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "common/clock.h"
@@ -45,6 +46,9 @@ class SpinGuard {
   std::atomic_flag& f_;
 };
 
+// Forwarded IPIs: APIC IDs up to this bound are looked up in a direct table (256 KiB at most).
+constexpr uint32_t kMaxApicIdTable = 1u << 16;
+
 }  // namespace
 
 LocalController::LocalController(LocalControllerConfig config, transport::Transport* transport, VmPort* vm)
@@ -82,6 +86,42 @@ absl::StatusOr<std::unique_ptr<LocalController>> LocalController::Create(LocalCo
   for (uint32_t i = 0; i < c->config_.num_vcpus; ++i) {
     for (auto& e : c->pending_[i]) e.store(0, std::memory_order_relaxed);
   }
+  const LocalControllerConfig& cc = c->config_;
+  if (!cc.vcpu_node.empty() && cc.vcpu_node.size() != cc.num_vcpus) {
+    return absl::InvalidArgumentError(fmt::format("local controller: vcpu_node lists {} vCPUs, the VM has {}",
+                                                  cc.vcpu_node.size(), cc.num_vcpus));
+  }
+  if (cc.apic_ids.size() != cc.vcpu_node.size()) {
+    return absl::InvalidArgumentError(fmt::format(
+        "local controller: apic_ids lists {} vCPUs but vcpu_node {}; give both (one per vCPU) or neither",
+        cc.apic_ids.size(), cc.vcpu_node.size()));
+  }
+  uint32_t max_node = cc.master.value();
+  uint32_t max_apic = 0;
+  for (uint32_t v = 0; v < cc.vcpu_node.size(); ++v) {
+    max_node = std::max<uint32_t>(max_node, cc.vcpu_node[v].value());
+    if (cc.apic_ids[v].value() >= kMaxApicIdTable) {
+      return absl::InvalidArgumentError(fmt::format(
+          "local controller: vCPU {} has APIC ID {}; forwarded IPIs support APIC IDs below {}", v, cc.apic_ids[v],
+          kMaxApicIdTable));
+    }
+    max_apic = std::max(max_apic, cc.apic_ids[v].value());
+  }
+  if (!cc.vcpu_node.empty()) {
+    c->vcpu_of_apic_.assign(max_apic + 1, -1);
+    for (uint32_t v = 0; v < cc.vcpu_node.size(); ++v) {
+      if (c->vcpu_of_apic_[cc.apic_ids[v].value()] >= 0) {
+        return absl::InvalidArgumentError(
+            fmt::format("local controller: APIC ID {} is given to two vCPUs", cc.apic_ids[v]));
+      }
+      c->vcpu_of_apic_[cc.apic_ids[v].value()] = static_cast<int32_t>(v);
+    }
+  }
+  c->peer_lock_count_ = max_node + 1;
+  c->is_peer_.assign(c->peer_lock_count_, 0);
+  for (NodeId n : cc.vcpu_node) c->is_peer_[n.value()] = 1;
+  c->peer_locks_ = std::make_unique<std::atomic_flag[]>(c->peer_lock_count_);
+  for (size_t i = 0; i < c->peer_lock_count_; ++i) c->peer_locks_[i].clear();
   c->gsi_level_ = std::make_unique<std::atomic<uint8_t>[]>(transport::kMaxGsi);
   for (uint32_t g = 0; g < transport::kMaxGsi; ++g) c->gsi_level_[g].store(0, std::memory_order_relaxed);
   return c;
@@ -174,6 +214,131 @@ absl::Status LocalController::SignalMsi(uint64_t address, uint32_t data, bool tr
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Guest IPIs to remote vCPUs.
+
+absl::Status LocalController::SendToPeer(NodeId node, Frame& frame) {
+  if (node.value() >= peer_lock_count_) {
+    counters_.send_failed.Add();
+    return absl::InvalidArgumentError(fmt::format("send: node {} is not a node of this VM", node));
+  }
+  absl::Status s;
+  {
+    SpinGuard g(peer_locks_[node.value()]);
+    s = transport_->Send(node, frame);
+  }
+  if (!s.ok()) counters_.send_failed.Add();
+  return s;
+}
+
+namespace {
+void StartTrace(Frame& f, uint64_t raised, std::atomic<uint32_t>& next_id) {
+  if (raised == 0) return;
+  f.flags = transport::kFlagTraced;
+  f.trace.trace_id = next_id.fetch_add(1, std::memory_order_relaxed);
+  f.trace.raised = raised;
+  f.trace.local_controller = StampHop(f.trace);
+}
+}  // namespace
+
+void LocalController::SendIpiToMaster(transport::IpiPayload& p, uint64_t raised) {
+  Frame f;
+  f.type = FrameType::kIpi;
+  f.payload = p;
+  StartTrace(f, raised, next_trace_id_);
+  if (SendToMaster(f).ok()) {
+    counters_.ipis_via_master.Add();
+  } else {
+    counters_.ipis_send_failed.Add();
+  }
+}
+
+void LocalController::SendDirect(VcpuIndex vcpu, irqchip::DeliveryMode mode, Vector vector, uint32_t source,
+                                 uint64_t raised) {
+  Frame f;
+  f.type = FrameType::kDeliver;
+  DeliverPayload d;
+  d.vcpu = vcpu;
+  d.vector = vector;
+  // One destination: a lowest-priority message has nothing left to arbitrate.
+  d.mode = mode == irqchip::DeliveryMode::kLowestPriority ? irqchip::DeliveryMode::kFixed : mode;
+  d.ipi_source_vcpu = source;
+  f.payload = d;
+  StartTrace(f, raised, next_trace_id_);
+  if (SendToPeer(config_.vcpu_node[vcpu.value()], f).ok()) {
+    counters_.ipis_direct.Add();
+  } else {
+    counters_.ipis_send_failed.Add();
+  }
+}
+
+void LocalController::ForwardIpi(ApicId target, irqchip::DeliveryMode mode, Vector vector) {
+  const uint64_t raised = config_.trace_ipis ? MonotonicNanos() : 0;
+  if (config_.direct_ipis && !config_.vcpu_node.empty()) {
+    const int64_t v = VcpuOfApic(target.value());
+    if (v < 0) {
+      counters_.ipis_to_nowhere.Add();
+      return;
+    }
+    if (config_.vcpu_node[v] != transport_->self()) {
+      SendDirect(VcpuIndex(static_cast<uint32_t>(v)), mode, vector, transport::kIpiSourceProxyResolved, raised);
+      return;
+    }
+    // A proxy never stands for a local vCPU; should the topology say so, the master sorts it out.
+  }
+  transport::IpiPayload p;
+  p.source_vcpu = VcpuIndex(transport::kIpiSourceProxyResolved);
+  p.destination = target.value();
+  p.vector = vector;
+  p.mode = mode;
+  SendIpiToMaster(p, raised);
+}
+
+void LocalController::ForwardIcr(VcpuIndex source, const irqchip::InterruptMessage& m) {
+  using irqchip::DeliveryMode;
+  if (m.mode == DeliveryMode::kInit && !m.level && m.trigger == irqchip::TriggerMode::kLevel) {
+    // INIT level de-assert: no effect on any processor since the Pentium 4 (SDM vol. 3, 11.6.1); the master's
+    // delivery carries no level bit, so forwarding it would become a real INIT on the owner node.
+    counters_.init_deasserts_dropped.Add();
+    return;
+  }
+  const uint64_t raised = config_.trace_ipis ? MonotonicNanos() : 0;
+  if (config_.direct_ipis && !config_.vcpu_node.empty()) {
+    const bool broadcast =
+        m.destination == 0xFFFFFFFFu || (!m.x2apic_destination && m.destination == 0xFFu);
+    if (m.dest_mode == irqchip::DestMode::kPhysical && m.shorthand == irqchip::Shorthand::kNone && !broadcast &&
+        m.mode != DeliveryMode::kLowestPriority && m.mode != DeliveryMode::kSmi && m.mode != DeliveryMode::kExtInt) {
+      const int64_t v = VcpuOfApic(m.destination);
+      if (v < 0) {
+        counters_.ipis_to_nowhere.Add();
+        return;
+      }
+      if (config_.vcpu_node[v] != transport_->self()) {
+        SendDirect(VcpuIndex(static_cast<uint32_t>(v)), m.mode, m.vector, source.value(), raised);
+        return;
+      }
+    }
+  }
+  transport::IpiPayload p;
+  p.source_vcpu = source;
+  p.destination = m.destination;
+  p.vector = m.vector;
+  p.mode = m.mode;
+  p.dest_logical = m.dest_mode == irqchip::DestMode::kLogical ? 1 : 0;
+  p.shorthand = static_cast<uint8_t>(m.shorthand);
+  p.level = m.level ? 1 : 0;
+  p.trigger_level = m.trigger == irqchip::TriggerMode::kLevel ? 1 : 0;
+  SendIpiToMaster(p, raised);
+}
+
+void LocalController::ReportPriority(VcpuIndex vcpu, uint8_t ppr) {
+  if (vcpu.value() >= ControlPayload::kMaxPriorityVcpus) return;
+  Frame f;
+  f.type = FrameType::kControl;
+  f.payload = ControlPayload{.op = ControlPayload::Op::kPriority, .arg0 = vcpu.value(), .arg1 = ppr};
+  if (SendToMaster(f).ok()) counters_.priorities_sent.Add();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // vCPU side.
 
 std::optional<Gsi> LocalController::pending_level(VcpuIndex vcpu, Vector vector) const {
@@ -218,8 +383,8 @@ absl::Status LocalController::Run(std::stop_token stop) {
 
 absl::StatusOr<size_t> LocalController::Handle(absl::StatusOr<size_t> polled) {
   if (!polled.ok()) {
-    // The agent's only peer on the data plane is the master (direct IPIs to peers are the next issue's): any loss
-    // the transport reports is checked against the master with a ping.
+    // Any loss the transport reports is checked against the master with a ping: a lost master ends the node's data
+    // plane; a lost peer node (direct route mode) only makes sends to it fail (counted in ipis_send_failed).
     if (polled.status().code() == absl::StatusCode::kUnavailable) {
       Frame ping;
       ping.type = FrameType::kControl;
@@ -247,6 +412,15 @@ void LocalController::HandleFrame(transport::ReceivedFrame& rf) {
   counters_.frames_received.Add();
   Frame& f = rf.frame;
   if (f.type == FrameType::kDeliver) {
+    if (rf.from != config_.master) {
+      // Direct route mode: only the VM's other nodes may deliver here.
+      if (!config_.vcpu_node.empty() &&
+          (rf.from.value() >= is_peer_.size() || is_peer_[rf.from.value()] == 0)) {
+        counters_.dropped_unknown_peer.Add();
+        return;
+      }
+      counters_.direct_received.Add();
+    }
     if (const auto* p = std::get_if<DeliverPayload>(&f.payload)) return HandleDeliver(*p, f);
   } else if (rf.from == config_.master) {
     switch (f.type) {
@@ -293,6 +467,12 @@ void LocalController::HandleDeliver(const DeliverPayload& p, Frame& f) {
   }
   counters_.delivered.Add();
   if (level) counters_.level_delivered.Add();
+  switch (p.mode) {
+    case irqchip::DeliveryMode::kNmi: counters_.delivered_nmi.Add(); break;
+    case irqchip::DeliveryMode::kInit: counters_.delivered_init.Add(); break;
+    case irqchip::DeliveryMode::kStartup: counters_.delivered_sipi.Add(); break;
+    default: break;
+  }
   if (f.traced()) {
     f.trace.injected = StampHop(f.trace);
     if (config_.on_trace) config_.on_trace(f.trace);
@@ -323,6 +503,7 @@ void LocalController::HandleControl(const ControlPayload& p) {
       MasterLost(absl::UnavailableError("the master said goodbye on the data plane"));
       return;
     case ControlPayload::Op::kHello:
+    case ControlPayload::Op::kPriority:  // node -> master only
       break;
   }
   counters_.dropped_bad_control.Add();

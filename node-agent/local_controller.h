@@ -10,7 +10,19 @@
 //   kControl raise-gsi from master  -> raise as above (the doorbell, master/devices/doorbell.h)
 //   kIoResponse                     -> the attached IoForwarder (io_forwarder.h)
 // A kDeliver for a vCPU this node does not own, a frame of a type the node does not take, a frame from a node
-// other than the master (kDeliver excepted: direct IPIs may come from peers), a bad raise-gsi: counted and dropped.
+// other than the master (kDeliver excepted: direct IPIs come from the VM's other nodes), a bad raise-gsi: counted and
+// dropped.
+//
+// Guest IPIs towards vCPUs on other nodes (issue 6, docs/proxy.md):
+//   ForwardIpi (kernel irqchip: a proxy vCPU caught it; KVM already resolved the destination to one APIC ID, the
+//   sender is unknown) and ForwardIcr (user irqchip: the sender's ICR message, the sender known) choose by route mode:
+//     via-master  kIpi to the master (ForwardIpi: source transport::kIpiSourceProxyResolved), whose Router decides
+//                 and sends kDeliver to the owner(s);
+//     direct      an IPI with ONE physical destination (every ForwardIpi; ForwardIcr when physical, no shorthand,
+//                 not lowest priority, not broadcast, not an INIT level de-assert) goes as kDeliver straight to the
+//                 node that owns that vCPU; everything else still goes to the master.
+//   An APIC ID that no vCPU of the VM has is counted in ipis_to_nowhere (direct) or by the master
+//   (dropped_no_destination). The trace block is filled from `raised` when trace_ipis is set.
 //
 // Threads: ONE data-plane thread calls PollOnce() / Run(); it injects (VmPort::Inject must be callable there).
 // RaiseEdge / SetLevel / SignalMsi (device threads) and OnGuestEoi (vCPU threads) may run on any thread
@@ -62,6 +74,14 @@ struct LocalControllerConfig {
   absl::Duration idle_wait = absl::Milliseconds(5);
   /// A traced delivery was injected: its trace block, every hop filled (data-plane thread). May be empty.
   std::function<void(const transport::TraceBlock&)> on_trace;
+  /// Per vCPU index of the VM: the node that runs it and its APIC ID. Needed by ForwardIpi / ForwardIcr and by the
+  /// check that a kDeliver comes from the master or a node of the VM; may stay empty when neither is used.
+  std::vector<NodeId> vcpu_node;
+  std::vector<ApicId> apic_ids;
+  /// Route mode `direct` (else via-master): see the top of this file.
+  bool direct_ipis = false;
+  /// Forwarded IPIs carry a trace block (raised = when ForwardIpi / ForwardIcr was called).
+  bool trace_ipis = false;
 };
 
 struct LocalControllerCounters {
@@ -79,12 +99,24 @@ struct LocalControllerCounters {
   Counter inject_failed;      // VmPort::Inject returned an error
   Counter send_failed;        // a frame to the master could not be sent
   Counter master_lost;
+  Counter init_deasserts_dropped;  // user-mode INIT level de-asserts (no effect, SDM vol. 3, 11.6.1): not forwarded
   // Drops, by reason.
   Counter dropped_not_owned;       // kDeliver for a vCPU this node does not run
   Counter dropped_unknown_vcpu;    // names a vCPU index the VM does not have
   Counter dropped_bad_control;     // raise-gsi that this node refuses, or an unknown control op
   Counter dropped_unexpected;      // a frame type (or sender) the node does not take
   Counter dropped_no_forwarder;    // kIoResponse without an attached IoForwarder
+  // Guest IPIs to remote vCPUs (ForwardIpi / ForwardIcr) and what arrived from peers.
+  Counter ipis_via_master;         // kIpi sent to the master
+  Counter ipis_direct;             // kDeliver sent straight to the owner node
+  Counter ipis_to_nowhere;         // an APIC ID no vCPU of the VM has: dropped here (direct / nowhere proxies)
+  Counter ipis_send_failed;        // of the above, the send failed (also counted in send_failed)
+  Counter direct_received;         // kDeliver from a peer node (direct route mode) injected or dropped here
+  Counter dropped_unknown_peer;    // kDeliver from a node that runs no vCPU of this VM
+  Counter delivered_nmi;           // of `delivered`, by delivery mode
+  Counter delivered_init;
+  Counter delivered_sipi;
+  Counter priorities_sent;         // kControl priority frames (ReportPriority)
 };
 
 class LocalController {
@@ -105,6 +137,19 @@ class LocalController {
   absl::Status SetLevel(Gsi gsi, bool asserted, bool traced = false);
   /// A device MSI (SDM vol. 3, 11.11): routed by the master.
   absl::Status SignalMsi(uint64_t address, uint32_t data, bool traced = false);
+
+  // --- guest IPIs to remote vCPUs, any thread (proxy threads, vCPU threads); no allocation, no lock but the send
+  // spinlock of the destination peer ---
+  /// A proxy vCPU accepted an interrupt for `target` (kernel irqchip). `mode` fixed, lowest priority (KVM already
+  /// arbitrated: delivered as fixed), NMI, INIT or startup (`vector` = the SIPI vector).
+  void ForwardIpi(ApicId target, irqchip::DeliveryMode mode, Vector vector);
+  /// The user irqchip handed over an ICR message of local vCPU `source` that may name remote vCPUs.
+  void ForwardIcr(VcpuIndex source, const irqchip::InterruptMessage& message);
+  /// An interrupt for an APIC ID that no vCPU has (the agent's "nowhere" proxies): counted in ipis_to_nowhere.
+  void CountNowhere() { counters_.ipis_to_nowhere.Add(); }
+  /// Local vCPU `vcpu`'s processor priority changed to `ppr` (user irqchip): kControl priority to the master, whose
+  /// Router uses it for lowest-priority arbitration. Callers send changes only.
+  void ReportPriority(VcpuIndex vcpu, uint8_t ppr);
 
   // --- vCPU threads ---
   /// The guest EOI'd `vector` on `vcpu` (KVM_EXIT_IOAPIC_EOI / the user irqchip's EOI broadcast). If a
@@ -140,6 +185,15 @@ class LocalController {
   void HandleControl(const transport::ControlPayload& p);
   absl::Status SendGsiLevel(Gsi gsi, bool level, bool traced, uint64_t raised_ns);
   void MasterLost(const absl::Status& why);
+  /// Sends to a peer node (not the master) under that peer's send spinlock.
+  absl::Status SendToPeer(NodeId node, transport::Frame& frame);
+  /// The vCPU with APIC ID `id`, or -1.
+  [[nodiscard]] int64_t VcpuOfApic(uint32_t id) const {
+    return id < vcpu_of_apic_.size() ? vcpu_of_apic_[id] : -1;
+  }
+  /// Sends a kDeliver of an IPI straight to the owner of `vcpu` (direct route mode).
+  void SendDirect(VcpuIndex vcpu, irqchip::DeliveryMode mode, Vector vector, uint32_t source, uint64_t raised);
+  void SendIpiToMaster(transport::IpiPayload& p, uint64_t raised);
 
   LocalControllerConfig config_;
   transport::Transport* transport_;
@@ -150,6 +204,10 @@ class LocalController {
   std::unique_ptr<std::array<std::atomic<uint32_t>, 256>[]> pending_;
   std::unique_ptr<std::atomic<uint8_t>[]> gsi_level_;  // per GSI (< kMaxGsi): the input level as last sent
   std::atomic_flag send_lock_ = ATOMIC_FLAG_INIT;
+  std::unique_ptr<std::atomic_flag[]> peer_locks_;  // per NodeId value up to the VM's highest node id
+  size_t peer_lock_count_ = 0;
+  std::vector<uint8_t> is_peer_;                    // per NodeId value: 1 if it runs vCPUs of this VM
+  std::vector<int32_t> vcpu_of_apic_;               // per APIC ID value: vCPU index, -1 if none
   std::atomic<uint32_t> next_trace_id_{1};
   std::atomic<bool> master_lost_{false};
   std::array<transport::ReceivedFrame, kBatch> batch_{};

@@ -346,5 +346,199 @@ TEST(LocalController, CreateRefusesBadConfigs) {
   EXPECT_TRUE(LocalController::Create(c, &star->node(1), &port).ok());
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Guest IPIs to remote vCPUs (ForwardIpi / ForwardIcr) in both route modes. A full TCP mesh: master 0, this node 1,
+// node 2 (runs vCPUs 2 and 3), node 3 (connected but runs no vCPU of the VM).
+
+struct Mesh {
+  std::vector<std::unique_ptr<transport::TcpTransport>> t;  // t[i] is node i
+  static std::unique_ptr<Mesh> Make(uint32_t n) {
+    auto m = std::make_unique<Mesh>();
+    for (uint32_t i = 0; i < n; ++i) {
+      transport::TcpTransportOptions o;
+      o.listen_address = "127.0.0.1:0";
+      auto t = transport::TcpTransport::Create(NodeId(i), o);
+      EXPECT_TRUE(t.ok()) << t.status();
+      if (!t.ok()) return nullptr;
+      m->t.push_back(*std::move(t));
+    }
+    std::vector<absl::Status> results(n);
+    std::vector<std::thread> threads;
+    for (uint32_t i = 0; i < n; ++i) {
+      threads.emplace_back([&, i] {
+        std::vector<transport::PeerEndpoint> peers;
+        for (uint32_t j = 0; j < n; ++j) {
+          if (j != i) peers.push_back({NodeId(j), "127.0.0.1:" + std::to_string(m->t[j]->listen_port())});
+        }
+        results[i] = m->t[i]->Connect(peers, absl::Seconds(10));
+      });
+    }
+    for (auto& th : threads) th.join();
+    for (auto& r : results) {
+      EXPECT_TRUE(r.ok()) << r;
+      if (!r.ok()) return nullptr;
+    }
+    return m;
+  }
+};
+
+std::unique_ptr<LocalController> MakeIpiController(Mesh& mesh, RecordingPort& port, bool direct, bool traced) {
+  LocalControllerConfig c;
+  c.master = kMaster;
+  c.num_vcpus = 4;
+  c.owned = {VcpuIndex(0), VcpuIndex(1)};
+  c.vcpu_node = {NodeId(1), NodeId(1), NodeId(2), NodeId(2)};
+  c.apic_ids = {ApicId(0), ApicId(1), ApicId(2), ApicId(3)};
+  c.direct_ipis = direct;
+  c.trace_ipis = traced;
+  auto lc = LocalController::Create(std::move(c), mesh.t[1].get(), &port);
+  EXPECT_TRUE(lc.ok()) << lc.status();
+  return lc.ok() ? *std::move(lc) : nullptr;
+}
+
+irqchip::InterruptMessage Icr(uint32_t dest, irqchip::DeliveryMode mode = irqchip::DeliveryMode::kFixed) {
+  irqchip::InterruptMessage m;
+  m.vector = Vector(0x40);
+  m.mode = mode;
+  m.destination = dest;
+  m.x2apic_destination = true;
+  return m;
+}
+
+TEST(LocalControllerIpi, ViaMasterEveryIpiGoesToTheMaster) {
+  auto mesh = Mesh::Make(3);
+  ASSERT_TRUE(mesh);
+  RecordingPort port;
+  auto lc = MakeIpiController(*mesh, port, /*direct=*/false, /*traced=*/true);
+  ASSERT_TRUE(lc);
+  lc->ForwardIpi(ApicId(2), irqchip::DeliveryMode::kFixed, Vector(0x41));
+  auto f = NextFrame(*mesh->t[0]);
+  ASSERT_TRUE(f);
+  ASSERT_EQ(f->frame.type, FrameType::kIpi);
+  auto p = std::get<transport::IpiPayload>(f->frame.payload);
+  EXPECT_EQ(p.source_vcpu.value(), transport::kIpiSourceProxyResolved);
+  EXPECT_EQ(p.destination, 2u);
+  EXPECT_EQ(p.vector, Vector(0x41));
+  EXPECT_EQ(p.dest_logical, 0);
+  EXPECT_EQ(p.shorthand, 0);
+  EXPECT_TRUE(f->frame.traced());
+  EXPECT_NE(f->frame.trace.raised, 0u);
+  EXPECT_GT(f->frame.trace.local_controller, f->frame.trace.raised);
+  // A user-irqchip ICR keeps its sender and every field.
+  irqchip::InterruptMessage m = Icr(0x00010006);
+  m.dest_mode = irqchip::DestMode::kLogical;
+  m.trigger = irqchip::TriggerMode::kLevel;
+  lc->ForwardIcr(VcpuIndex(1), m);
+  f = NextFrame(*mesh->t[0]);
+  ASSERT_TRUE(f);
+  p = std::get<transport::IpiPayload>(f->frame.payload);
+  EXPECT_EQ(p.source_vcpu, VcpuIndex(1));
+  EXPECT_EQ(p.destination, 0x00010006u);
+  EXPECT_EQ(p.dest_logical, 1);
+  EXPECT_EQ(p.trigger_level, 1);
+  // Physical to a remote vCPU: still via the master in this mode.
+  lc->ForwardIcr(VcpuIndex(0), Icr(3));
+  f = NextFrame(*mesh->t[0]);
+  ASSERT_TRUE(f);
+  EXPECT_EQ(f->frame.type, FrameType::kIpi);
+  EXPECT_EQ(lc->counters().ipis_via_master, 3u);
+  EXPECT_EQ(lc->counters().ipis_direct, 0u);
+}
+
+TEST(LocalControllerIpi, DirectPhysicalGoesToTheOwnerTheRestToTheMaster) {
+  auto mesh = Mesh::Make(4);
+  ASSERT_TRUE(mesh);
+  RecordingPort port;
+  auto lc = MakeIpiController(*mesh, port, /*direct=*/true, /*traced=*/false);
+  ASSERT_TRUE(lc);
+  // A proxy-caught NMI for APIC 2 -> node 2, as a kDeliver (sender unknown).
+  lc->ForwardIpi(ApicId(2), irqchip::DeliveryMode::kNmi, Vector(0));
+  auto f = NextFrame(*mesh->t[2]);
+  ASSERT_TRUE(f);
+  ASSERT_EQ(f->frame.type, FrameType::kDeliver);
+  auto d = std::get<DeliverPayload>(f->frame.payload);
+  EXPECT_EQ(d.vcpu, VcpuIndex(2));
+  EXPECT_EQ(d.mode, irqchip::DeliveryMode::kNmi);
+  EXPECT_EQ(d.ipi_source_vcpu, transport::kIpiSourceProxyResolved);
+  // A user-irqchip physical fixed IPI from vCPU 1 to APIC 3 -> node 2 with its sender; a SIPI likewise.
+  lc->ForwardIcr(VcpuIndex(1), Icr(3));
+  f = NextFrame(*mesh->t[2]);
+  ASSERT_TRUE(f);
+  d = std::get<DeliverPayload>(f->frame.payload);
+  EXPECT_EQ(d.vcpu, VcpuIndex(3));
+  EXPECT_EQ(d.vector, Vector(0x40));
+  EXPECT_EQ(d.mode, irqchip::DeliveryMode::kFixed);
+  EXPECT_EQ(d.ipi_source_vcpu, 1u);
+  irqchip::InterruptMessage sipi = Icr(2, irqchip::DeliveryMode::kStartup);
+  sipi.vector = Vector(0x9F);
+  lc->ForwardIcr(VcpuIndex(0), sipi);
+  f = NextFrame(*mesh->t[2]);
+  ASSERT_TRUE(f);
+  d = std::get<DeliverPayload>(f->frame.payload);
+  EXPECT_EQ(d.mode, irqchip::DeliveryMode::kStartup);
+  EXPECT_EQ(d.vector, Vector(0x9F));
+  // Lowest priority, a shorthand, a broadcast and a logical destination need the master's Router.
+  lc->ForwardIcr(VcpuIndex(0), Icr(2, irqchip::DeliveryMode::kLowestPriority));
+  irqchip::InterruptMessage all = Icr(0);
+  all.shorthand = irqchip::Shorthand::kAllExcludingSelf;
+  lc->ForwardIcr(VcpuIndex(0), all);
+  lc->ForwardIcr(VcpuIndex(0), Icr(0xFFFFFFFF));
+  irqchip::InterruptMessage logical = Icr(0x4);
+  logical.dest_mode = irqchip::DestMode::kLogical;
+  lc->ForwardIcr(VcpuIndex(0), logical);
+  for (int i = 0; i < 4; ++i) {
+    f = NextFrame(*mesh->t[0]);
+    ASSERT_TRUE(f);
+    EXPECT_EQ(f->frame.type, FrameType::kIpi);
+  }
+  // An INIT level de-assert (SDM vol. 3, 11.6.1: no effect) is dropped, in either route: forwarded, it would arrive
+  // as a real INIT (a kDeliver has no level bit).
+  irqchip::InterruptMessage deassert = Icr(2, irqchip::DeliveryMode::kInit);
+  deassert.level = false;
+  deassert.trigger = irqchip::TriggerMode::kLevel;
+  lc->ForwardIcr(VcpuIndex(0), deassert);
+  deassert.shorthand = irqchip::Shorthand::kAllExcludingSelf;
+  lc->ForwardIcr(VcpuIndex(0), deassert);
+  EXPECT_EQ(lc->counters().init_deasserts_dropped, 2u);
+  // An APIC ID no vCPU has: counted, nothing sent.
+  lc->ForwardIpi(ApicId(9), irqchip::DeliveryMode::kFixed, Vector(0x40));
+  lc->ForwardIcr(VcpuIndex(0), Icr(7));
+  EXPECT_EQ(lc->counters().ipis_to_nowhere, 2u);
+  EXPECT_EQ(lc->counters().ipis_direct, 3u);
+  EXPECT_EQ(lc->counters().ipis_via_master, 4u);
+
+  // Receiving: a kDeliver from peer node 2 is injected; one from node 3 (no vCPU of this VM) is dropped.
+  std::jthread th([&](std::stop_token st) { (void)lc->Run(st); });
+  Frame from_peer = Deliver(1, 0x40);
+  ASSERT_TRUE(mesh->t[2]->Send(kNode, from_peer).ok());
+  ASSERT_TRUE(port.WaitFor(1));
+  EXPECT_EQ(port.injections()[0].vcpu, VcpuIndex(1));
+  Frame from_stranger = Deliver(1, 0x41);
+  ASSERT_TRUE(mesh->t[3]->Send(kNode, from_stranger).ok());
+  for (int i = 0; i < 500 && lc->counters().dropped_unknown_peer == 0; ++i) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_EQ(lc->counters().dropped_unknown_peer, 1u);
+  EXPECT_EQ(lc->counters().direct_received, 1u);
+  EXPECT_EQ(port.injections().size(), 1u);
+}
+
+TEST(LocalControllerIpi, CreateRefusesInconsistentTopology) {
+  auto star = TcpStar::Make({kMaster, kNode});
+  ASSERT_TRUE(star.ok());
+  RecordingPort port;
+  LocalControllerConfig c;
+  c.master = kMaster;
+  c.num_vcpus = 2;
+  c.owned = {VcpuIndex(0)};
+  c.vcpu_node = {kNode};
+  c.apic_ids = {ApicId(0)};
+  EXPECT_FALSE(LocalController::Create(c, &star->node(1), &port).ok()) << "vcpu_node must list every vCPU";
+  c.vcpu_node = {kNode, NodeId(2)};
+  EXPECT_FALSE(LocalController::Create(c, &star->node(1), &port).ok()) << "apic_ids must match vcpu_node";
+  c.apic_ids = {ApicId(1), ApicId(1)};
+  EXPECT_FALSE(LocalController::Create(c, &star->node(1), &port).ok()) << "an APIC ID given twice";
+  c.apic_ids = {ApicId(0), ApicId(1)};
+  EXPECT_TRUE(LocalController::Create(c, &star->node(1), &port).ok());
+}
+
 }  // namespace
 }  // namespace aggvm::agent

@@ -3,12 +3,13 @@
 // Payload layouts (offsets in the frame; every byte not listed is padding and must be zero):
 //   kInterrupt   10 kind u8 | 11 level u8 | 12 gsi u32 | 16 msi_address u64 | 24 msi_data u32
 //   kDeliver     10 vcpu u32 | 14 vector u8 | 15 mode u8 | 16 level_triggered u8 | 18 gsi u32 | 22 ipi_source u32
-//   kIpi         10 source_vcpu u32 | 14 destination u32 | 18 vector u8 | 19 mode u8 | 20 dest_logical u8
+//   kIpi         10 source_vcpu u32 (0xffffffff: proxy-resolved, physical only) | 14 destination u32 | 18 vector u8 | 19 mode u8 | 20 dest_logical u8
 //                | 21 shorthand u8 | 22 level u8 | 23 trigger_level u8
 //   kEoi         10 vcpu u32 | 14 vector u8 | 16 gsi u32
 //   kIo*         10 access u8 (bit 0 space, bit 1 write, bits 3:2 log2 size) | 11 status u8 | 12 vcpu u32
 //                | 16 address u64 | 24 data u64
-//   kControl     10 op u8 | 12 arg0 u64 | 20 arg1 u64   (op 4 raise-gsi: arg0 GSI, arg1 ControlPayload::kRaise* bits)
+//   kControl     10 op u8 | 12 arg0 u64 | 20 arg1 u64   (op 4 raise-gsi: arg0 GSI, arg1 ControlPayload::kRaise* bits;
+//                op 5 priority: arg0 vCPU, arg1 PPR)
 // Trace block: 32 trace_id u32 | 36 raised u64 | 44..63 five u32 deltas from raised (0 = hop not reached).
 #include "transport/frame.h"
 
@@ -148,6 +149,20 @@ FrameError ValidateIpi(const IpiPayload& p) {
   if (p.shorthand > 3) return Bad(kT, FrameField::kShorthand, p.shorthand, "must be 0..3 (ICR bits 19:18)");
   if (p.level > 1) return Bad(kT, FrameField::kLevel, p.level, "must be 0 or 1");
   if (p.trigger_level > 1) return Bad(kT, FrameField::kTriggerLevel, p.trigger_level, "must be 0 or 1");
+  if (p.source_vcpu.value() == kIpiSourceProxyResolved) {
+    // A proxy-resolved IPI names exactly one APIC ID: KVM already applied logical modes and shorthands.
+    if (p.dest_logical != 0) {
+      return Bad(kT, FrameField::kDestLogical, p.dest_logical,
+                 "must be 0 when the source is proxy-resolved (0xffffffff)");
+    }
+    if (p.shorthand != 0) {
+      return Bad(kT, FrameField::kShorthand, p.shorthand, "must be 0 when the source is proxy-resolved (0xffffffff)");
+    }
+    if (p.destination == 0xffffffffu) {
+      return Bad(kT, FrameField::kDestination, p.destination,
+                 "a proxy-resolved IPI names one APIC ID, not the broadcast 0xffffffff");
+    }
+  }
   return kOk;
 }
 
@@ -193,7 +208,15 @@ FrameError ValidateIo(FrameType kT, const IoRequestPayload& p) {
 FrameError ValidateControl(const ControlPayload& p) {
   constexpr FrameType kT = FrameType::kControl;
   const auto op = static_cast<uint8_t>(p.op);
-  if (op > 4) return Bad(kT, FrameField::kOp, op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
+  if (op > 5) {
+    return Bad(kT, FrameField::kOp, op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye, 4 raise-gsi or 5 priority");
+  }
+  if (p.op == ControlPayload::Op::kPriority) {
+    if (p.arg0 >= ControlPayload::kMaxPriorityVcpus) {
+      return Bad(kT, FrameField::kArg0, p.arg0, "priority: the vCPU index must be below 1024");
+    }
+    if (p.arg1 > 0xFF) return Bad(kT, FrameField::kArg1, p.arg1, "priority: a PPR is 0..255");
+  }
   if (p.op == ControlPayload::Op::kRaiseGsi) {
     if (p.arg0 >= kMaxGsi) {
       return Bad(kT, FrameField::kArg0, p.arg0, "raise-gsi: the GSI must be below kMaxGsi 4096");
@@ -291,6 +314,7 @@ std::string_view FrameFieldName(FrameField f) {
     case FrameField::kVector: return "vector";
     case FrameField::kLevelTriggered: return "level_triggered";
     case FrameField::kDestLogical: return "dest_logical";
+    case FrameField::kDestination: return "destination";
     case FrameField::kShorthand: return "shorthand";
     case FrameField::kTriggerLevel: return "trigger_level";
     case FrameField::kAccess: return "access";
@@ -531,7 +555,9 @@ FrameError DecodeFrameRaw(const uint8_t* d, size_t size, Frame& f) {
     case FrameType::kControl: {
       ControlPayload p;
       const uint8_t op = Get8(d, P + 0);
-      if (op > 4) return Bad(type, FrameField::kOp, op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye or 4 raise-gsi");
+      if (op > 5) {
+        return Bad(type, FrameField::kOp, op, "must be 0 hello, 1 ping, 2 pong, 3 goodbye, 4 raise-gsi or 5 priority");
+      }
       p.op = static_cast<ControlPayload::Op>(op);
       p.arg0 = Get64(d, P + 2);
       p.arg1 = Get64(d, P + 10);

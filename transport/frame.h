@@ -70,8 +70,13 @@ struct DeliverPayload {          // FrameType::kDeliver
   Gsi gsi{};                     // for level-triggered: the source pin (echoed in kEoi)
   uint32_t ipi_source_vcpu = 0xffffffff;  // for IPIs: the sending vCPU, else all ones
 };
+/// IpiPayload::source_vcpu of an IPI whose sender is unknown and whose destination was already resolved to one APIC
+/// ID by the sending node's KVM (a proxy vCPU caught it, docs/proxy.md): only a physical destination without
+/// shorthand may carry it (the decoder refuses anything else), and the master routes it without a sender check.
+inline constexpr uint32_t kIpiSourceProxyResolved = 0xffffffffu;
+
 struct IpiPayload {              // FrameType::kIpi
-  VcpuIndex source_vcpu{};
+  VcpuIndex source_vcpu{};       // the sending vCPU, or kIpiSourceProxyResolved
   uint32_t destination = 0;      // ICR destination field (x2APIC: 32 bits; xAPIC: bits 63:56 of ICR)
   Vector vector{};
   DeliveryMode mode = DeliveryMode::kFixed;
@@ -98,7 +103,9 @@ struct IoRequestPayload {        // FrameType::kIoRequest / kIoResponse
 struct ControlPayload {          // FrameType::kControl
   // kRaiseGsi (master -> node): raise GSI arg0 (< kMaxGsi) on the receiving node's local interrupt controller, as if
   // a device there had signalled it; the node then sends kInterrupt to the master. arg1 holds kRaise* bits only.
-  enum class Op : uint8_t { kHello = 0, kPing = 1, kPong = 2, kGoodbye = 3, kRaiseGsi = 4 } op = Op::kHello;
+  // kPriority (node -> master): vCPU arg0 (< kMaxPriorityVcpus, run by the sending node) now has processor priority
+  // arg1 (PPR, 0..255, SDM vol. 3, 11.8.3.1), for the Router's lowest-priority arbitration. Sent on change only.
+  enum class Op : uint8_t { kHello = 0, kPing = 1, kPong = 2, kGoodbye = 3, kRaiseGsi = 4, kPriority = 5 } op = Op::kHello;
   uint64_t arg0 = 0;
   uint64_t arg1 = 0;
 
@@ -106,6 +113,7 @@ struct ControlPayload {          // FrameType::kControl
   static constexpr uint64_t kRaiseAssert = 1u << 1;  // level: the new input level (1 assert, 0 deassert); edge: 1
   static constexpr uint64_t kRaiseTraced = 1u << 2;  // the node fills a trace block from `raised` on
   static constexpr uint64_t kRaiseKnown = kRaiseLevel | kRaiseAssert | kRaiseTraced;
+  static constexpr uint64_t kMaxPriorityVcpus = 1024;
 };
 
 /// Per-hop timestamps in CLOCK_MONOTONIC ns (absolute; the wire carries deltas from `raised`). 0 = not reached.
@@ -156,6 +164,7 @@ enum class FrameField : uint8_t {
   kTraceRaised, kTraceLocalController, kTraceMasterReceived, kTraceMasterDecided, kTraceTargetReceived,
   kTraceInjected,
   kPaddingByte, kTraceByte,
+  kDestination,
 };
 /// The field's name as messages spell it ("msi_address", "trace.raised", "padding byte" without the offset, ...).
 std::string_view FrameFieldName(FrameField f);

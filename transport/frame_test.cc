@@ -79,6 +79,15 @@ IpiPayload Ipi() {
   p.dest_logical = 1;
   return p;
 }
+// An IPI a proxy vCPU caught (docs/proxy.md): sender unknown, one physical APIC ID, NMI.
+IpiPayload ProxyIpi() {
+  IpiPayload p;
+  p.source_vcpu = VcpuIndex(kIpiSourceProxyResolved);
+  p.destination = 5;
+  p.vector = Vector(0);
+  p.mode = DeliveryMode::kNmi;
+  return p;
+}
 EoiPayload Eoi() {
   EoiPayload p;
   p.vcpu = VcpuIndex(5);
@@ -146,6 +155,8 @@ std::vector<Golden> Goldens() {
           kNoTrace,
       "01 04 01 00 01 00 00 00 01 00 | 05 00 00 00 39 00 0b 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 "
       "| dd cc bb aa 00 00 00 00 01 00 00 00 10 00 00 00 20 00 00 00 00 00 00 00 40 00 00 00 50 00 00 00",
+      std::string("01 03 01 00 01 00 00 00 00 00 | ff ff ff ff 05 00 00 00 00 04 00 00 01 00 00 00 00 00 00 00 00 00 ") +
+          kNoTrace,
   };
   return {
       {"interrupt_gsi", Make(FrameType::kInterrupt, GsiLevel(), 0x01020304, 3), hex[0].c_str()},
@@ -157,6 +168,7 @@ std::vector<Golden> Goldens() {
       {"io_response", Make(FrameType::kIoResponse, MmioReadResult()), hex[6].c_str()},
       {"control", Make(FrameType::kControl, Hello(), 0x01020304, 0x0102), hex[7].c_str()},
       {"eoi_traced", traced, hex[8].c_str()},
+      {"ipi_proxy_resolved", Make(FrameType::kIpi, ProxyIpi()), hex[9].c_str()},
   };
 }
 
@@ -326,6 +338,12 @@ std::vector<Rule> Rules() {
       {"ipi shorthand", with(FrameType::kIpi, Ipi(), [](IpiPayload& p) { p.shorthand = 4; }), "'shorthand' = 0x4"},
       {"ipi level", with(FrameType::kIpi, Ipi(), [](IpiPayload& p) { p.level = 3; }), "'level' = 0x3"},
       {"ipi trigger", with(FrameType::kIpi, Ipi(), [](IpiPayload& p) { p.trigger_level = 2; }), "'trigger_level'"},
+      {"proxy ipi logical", with(FrameType::kIpi, ProxyIpi(), [](IpiPayload& p) { p.dest_logical = 1; }),
+       "'dest_logical' = 0x1 (must be 0 when the source is proxy-resolved"},
+      {"proxy ipi shorthand", with(FrameType::kIpi, ProxyIpi(), [](IpiPayload& p) { p.shorthand = 3; }),
+       "'shorthand' = 0x3 (must be 0 when the source is proxy-resolved"},
+      {"proxy ipi broadcast", with(FrameType::kIpi, ProxyIpi(), [](IpiPayload& p) { p.destination = 0xffffffff; }),
+       "'destination' = 0xffffffff"},
       {"eoi low vector", with(FrameType::kEoi, Eoi(), [](EoiPayload& p) { p.vector = Vector(8); }), "'vector' = 0x8"},
       {"eoi gsi too big", with(FrameType::kEoi, Eoi(), [](EoiPayload& p) { p.gsi = Gsi(1u << 20); }), "'gsi'"},
       {"io size 3", with(FrameType::kIoRequest, PioWrite(), [](IoRequestPayload& p) { p.size = 3; }),
@@ -349,7 +367,11 @@ std::vector<Rule> Rules() {
       {"io data too wide", with(FrameType::kIoRequest, PioWrite(), [](IoRequestPayload& p) { p.data = 0x10000; }),
        "'data' = 0x10000"},
       {"control op", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = static_cast<ControlPayload::Op>(5); }), "'op' = 0x5"},
+         p.op = static_cast<ControlPayload::Op>(6); }), "'op' = 0x6"},
+      {"control priority vcpu", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kPriority; p.arg0 = 1024; p.arg1 = 0x20; }), "'arg0' = 0x400"},
+      {"control priority ppr", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kPriority; p.arg0 = 3; p.arg1 = 0x100; }), "'arg1' = 0x100"},
       {"control raise-gsi gsi", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
          p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = kMaxGsi; p.arg1 = ControlPayload::kRaiseAssert; }),
        "'arg0' = 0x1000"},

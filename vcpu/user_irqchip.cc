@@ -254,7 +254,11 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
       TakeEffectsLocked();
     }
     Bump(chip.counters_->apic_msr_accesses);
-    if (r == irqchip::AccessResult::kGeneralProtection) wr.InjectGp();
+    if (r == irqchip::AccessResult::kGeneralProtection) {
+      wr.InjectGp();
+    } else if (wr.index == apic::X2ApicMsr(apic::kRegTpr)) {
+      chip.TprWritten(index);
+    }
     return RouteEffects(exit);
   }
 
@@ -285,6 +289,7 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
   }
 
   Disposition OnMmioWrite(VcpuExit& exit, const MmioWrite& mw) {
+    bool tpr = false;
     {
       std::lock_guard l(mu);
       const auto offset = ApicPageOffset(mw.gpa, mw.data.size());
@@ -297,8 +302,10 @@ struct UserIrqchip::Slot final : irqchip::ApicSink, VcpuInterruptHooks {
       std::memcpy(&v, mw.data.data(), 4);
       (void)apic.WriteMmio(*offset, v);  // xAPIC never faults; the model counts what it ignored
       TakeEffectsLocked();
+      tpr = *offset == apic::kRegTpr;
     }
     Bump(chip.counters_->apic_mmio_accesses);
+    if (tpr) chip.TprWritten(index);
     return RouteEffects(exit);
   }
 
@@ -515,6 +522,10 @@ void UserIrqchip::SetRemote(std::span<const irqchip::ApicAddressing> remote, Rem
   remote_has_xapic_ = false;
   for (const auto& r : remote_) remote_has_xapic_ |= !r.x2apic;
   remote_sink_ = sink;
+}
+
+void UserIrqchip::TprWritten(uint32_t index) {
+  if (remote_sink_ != nullptr) remote_sink_->OnTprWrite(VcpuIndex(index));
 }
 
 uint8_t UserIrqchip::Priority(VcpuIndex index) const {

@@ -138,6 +138,9 @@ class RemoteIpiSink {
   /// Called on the sending vCPU's thread with no APIC lock held; `message.source` is the sender's APIC ID. Must not
   /// block or allocate.
   virtual void OnRemoteIcr(VcpuIndex source, const irqchip::InterruptMessage& message) = 0;
+  /// Called on vCPU `vcpu`'s thread with no APIC lock held after the guest wrote its TPR (its priority for
+  /// lowest-priority arbitration elsewhere may have changed; read it with UserIrqchip::Priority). Must not block long.
+  virtual void OnTprWrite(VcpuIndex /*vcpu*/) {}
 };
 
 class UserIrqchip {
@@ -211,6 +214,8 @@ class UserIrqchip {
   [[nodiscard]] IcrRoute ClassifyIcr(const irqchip::InterruptMessage& message) const;
   /// Routes one ICR send of vCPU `source` (its thread, no lock held).
   void RouteIcr(uint32_t source, const irqchip::InterruptMessage& message);
+  /// vCPU `index` wrote its TPR (its thread, no lock held): tells the remote sink, if any.
+  void TprWritten(uint32_t index);
 
   irqchip::MonotonicApicClock clock_;
   std::vector<std::unique_ptr<Slot>> slots_;
