@@ -6,14 +6,20 @@
 #   2. doorbells  edge interrupts raised on node-a, delivered per routing policy (sdm, round-robin,
 #                 node-local-first, static), the receiving vCPU taken from the guest's own IRQ records; then a
 #                 level-triggered one held on node-a, re-delivered to vCPU 3 on node-b after each EOI
+#   3. guest IPIs the guest's own IPIs across nodes: ipi-pingpong between vCPU 0 on node-a and vCPU 3 on node-b,
+#                 in route mode via-master (IPIs through the master's Router) or direct (straight to the owner node),
+#                 each round timed by the guest's rdtsc
 # Everything is torn down on exit (processes by pid, namespaces by name), also on failure or Ctrl-C.
 #
-#   scripts/cluster.sh [--build-dir DIR] [--rings N] [--irqchip kernel|user] [--loopback] [--logs DIR]
+#   scripts/cluster.sh [--build-dir DIR] [--rings N] [--irqchip kernel|user] [--route-mode via-master|direct]
+#                      [--rounds N] [--loopback] [--logs DIR]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=$root/build
 rings=6
 irqchip=kernel
+route_mode=via-master
+rounds=100
 force_loopback=0
 logs=""
 while [ $# -gt 0 ]; do
@@ -21,14 +27,17 @@ while [ $# -gt 0 ]; do
     --build-dir) build=$2; shift ;;
     --rings) rings=$2; shift ;;
     --irqchip) irqchip=$2; shift ;;
+    --route-mode) route_mode=$2; shift ;;
+    --rounds) rounds=$2; shift ;;
     --loopback) force_loopback=1 ;;
     --logs) logs=$2; shift ;;
-    *) echo "cluster.sh: unknown option $1 (--build-dir DIR, --rings N, --irqchip kernel|user, --loopback, --logs DIR)" >&2
+    *) echo "cluster.sh: unknown option $1 (--build-dir DIR, --rings N, --irqchip kernel|user, --route-mode via-master|direct, --rounds N, --loopback, --logs DIR)" >&2
        exit 2 ;;
   esac
   shift
 done
 case "$irqchip" in kernel|user) ;; *) echo "cluster.sh: --irqchip is kernel or user" >&2; exit 2 ;; esac
+case "$route_mode" in via-master|direct) ;; *) echo "cluster.sh: --route-mode is via-master or direct" >&2; exit 2 ;; esac
 
 master_bin=$build/master/aggvm-master
 agent_bin=$build/node-agent/aggvm-agent
@@ -131,6 +140,15 @@ for _ in $(seq 100); do
 done
 ctl status
 
+follow_records() {  # <vm> <seconds> <file>: the VM's console and guest records, in the background
+  if [ $use_netns = 1 ]; then
+    ip netns exec "$tag-master" "$ctl_bin" --master "$master_addr" console "$1" --records --for "$2" >"$3" &
+  else
+    "$ctl_bin" --master "$master_addr" console "$1" --records --for "$2" >"$3" &
+  fi
+  pids+=($!)
+}
+
 spec_for() {  # <example> <out>: the example spec with this run's irqchip mode
   sed "s/^irqchip: .*/irqchip: IRQCHIP_MODE_$(echo "$irqchip" | tr a-z A-Z)/" "$root/deploy/examples/$1.textproto" >"$2"
 }
@@ -155,13 +173,7 @@ echo
 echo "== 2. doorbells: GSI 4 (vector 0x44, lowest priority to all 6 vCPUs) raised on node-a, per routing policy"
 spec_for doorbell-3x2 "$work/doorbell.textproto"
 ctl vm create "$work/doorbell.textproto" >/dev/null
-if [ $use_netns = 1 ]; then
-  ip netns exec "$tag-master" "$ctl_bin" --master "$master_addr" console doorbell-3x2 --records --for 600 \
-    >"$work/doorbell.console" &
-else
-  "$ctl_bin" --master "$master_addr" console doorbell-3x2 --records --for 600 >"$work/doorbell.console" &
-fi
-pids+=($!)
+follow_records doorbell-3x2 600 "$work/doorbell.console"
 sleep 0.3
 ctl vm start doorbell-3x2
 for _ in $(seq 300); do  # irq-sink says HELLO once its IDT and LAPIC are up
@@ -213,9 +225,47 @@ sleep 0.2
 settled=$(( $(irqs 0x55) - before ))
 [ "$settled" = "$level_irqs" ] || { echo "cluster.sh: level interrupt re-delivered after the deassert" >&2; exit 1; }
 
+ctl vm stop doorbell-3x2 >/dev/null
+
+# --- 3. guest IPIs across nodes -------------------------------------------------------------------------------------
+echo
+echo "== 3. guest IPIs: ipi-pingpong vCPU 0 @ node-a <-> vCPU 3 @ node-b, $rounds rounds, route mode $route_mode"
+route_enum=ROUTE_MODE_$(echo "$route_mode" | tr a-z- A-Z_)
+cat >"$work/pingpong.textproto" <<SPEC
+name: "pingpong-3x2"
+vcpus: 6
+placement { node: "node-a" vcpus: [0, 1] }
+placement { node: "node-b" vcpus: [2, 3] }
+placement { node: "node-c" vcpus: [4, 5] }
+irqchip: IRQCHIP_MODE_$(echo "$irqchip" | tr a-z A-Z)
+transport: TRANSPORT_KIND_TCP
+wait_mode: WAIT_MODE_EVENT
+route_mode: $route_enum
+workload { name: "ipi-pingpong" iterations: $rounds ping_vcpu: 0 pong_vcpu: 3 ipi_vector: 0x40 }
+SPEC
+ctl vm create "$work/pingpong.textproto" >/dev/null
+follow_records pingpong-3x2 120 "$work/pingpong.console"
+sleep 0.3
+ctl vm start pingpong-3x2
+for _ in $(seq 600); do
+  [ "$(grep -c 'ping round' "$work/pingpong.console" || true)" -ge "$rounds" ] && break
+  grep -q '] error ' "$work/pingpong.console" && break
+  sleep 0.1
+done
+ping_rounds=$(grep -c 'ping round' "$work/pingpong.console" || true)
+# Round trip = the guest's rdtsc span of each PING_ROUND record; guest TSC = host TSC here (docs/cluster.md).
+mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo)
+median_ticks=$(grep 'ping round' "$work/pingpong.console" | sed -E 's/.*tsc ([0-9]+) -> ([0-9]+).*/\1 \2/' |
+  awk '{ print $2 - $1 }' | sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print 0 }')
+ipi_line="$ping_rounds of $rounds rounds, median round trip $median_ticks TSC ticks"
+[ "${mhz:-0}" -gt 0 ] && ipi_line+=" (~$((median_ticks / mhz)) µs at $mhz MHz)"
+echo "$ipi_line"
+ctl vm stop pingpong-3x2 >/dev/null
+[ "$ping_rounds" -ge "$rounds" ] || { echo "cluster.sh: ipi-pingpong finished $ping_rounds of $rounds rounds" >&2; exit 1; }
+
 echo
 echo "== cross-node results"
 printf '  %s\n' "${results[@]}"
 echo "  level GSI 5 on node-a -> vCPU 3 @ node-b: $level_irqs deliveries, none after the deassert"
-ctl vm stop doorbell-3x2 >/dev/null
+echo "  guest IPIs ($irqchip irqchip, $route_mode): vCPU 0 @ node-a <-> vCPU 3 @ node-b: $ipi_line"
 echo "== tearing down"

@@ -3,16 +3,10 @@
 // master over gRPC from inside the master's namespace and checks everything from what the guest itself reported:
 // console lines through the master's UART, IRQ records (vector, rdtsc, sequence) of the vCPU that handled each
 // interrupt. Needs root (namespaces) and /dev/kvm.
-#include <sched.h>
 #include <signal.h>
-#include <sys/wait.h>
 
-#include <condition_variable>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <set>
-#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -23,7 +17,8 @@
 #include "irqchip/destination.h"
 #include "irqchip/router.h"
 #include "proto/aggvm.grpc.pb.h"
-#include "tests/support/netns.h"
+#include "tests/cluster/shared_cluster.h"
+#include "tests/support/cluster_launcher.h"
 #include "tests/support/require.h"
 
 namespace aggvm::testing {
@@ -38,192 +33,20 @@ constexpr uint32_t kEdgeGsi = 4, kLevelGsi = 5;
 constexpr uint32_t kEdgeVector = 0x44, kLevelVector = 0x55;
 const char* const kNodes[] = {"node-a", "node-b", "node-c"};
 
-// The processes: master in namespace 0, node-a..c in 1..3.
-class Cluster {
- public:
-  /// The cluster of this test process, started on first use (ctest runs each test in its own process).
-  static Cluster* Get() {
-    if (!tried_) {
-      tried_ = true;
-      instance_ = new Cluster();
-      if (!instance_->Start()) Destroy();
-    }
-    return instance_;
-  }
-  /// Stops every process and deletes the namespaces (the global environment's TearDown).
-  static void Destroy() {
-    delete instance_;
-    instance_ = nullptr;
-  }
+// The processes: master in namespace 0, node-a..c in 1..3 (tests/cluster/shared_cluster.h).
+ClusterOptions Options() {
+  ClusterOptions o;
+  o.tag = "e2e";
+  o.master_bin = AGGVM_MASTER_BIN;
+  o.agent_bin = AGGVM_AGENT_BIN;
+  o.heartbeat_ms = 100;
+  return o;
+}
 
-  ~Cluster() {
-    for (auto& [name, pid] : pids_) Kill(pid);
-    stub_.reset();
-    if (topo_) topo_->Destroy();
-  }
-
-  v1::Master::Stub& stub() { return *stub_; }
-  std::string master_address() const { return topo_->address(0) + ":7070"; }
-
-  absl::Status SpawnAgent(int i) {
-    const std::string host = topo_->address(i);
-    auto pid = topo_->SpawnInNamespace(
-        i, {AGGVM_AGENT_BIN, "--master", master_address(), "--node", kNodes[i - 1], "--listen", host + ":7000",
-            "--data-listen", host + ":7100", "--advertise-host", host, "--register-timeout", "20"});
-    if (!pid.ok()) return pid.status();
-    pids_[kNodes[i - 1]] = *pid;
-    return absl::OkStatus();
-  }
-  void KillAgent(const std::string& node) {
-    Kill(pids_.at(node), SIGKILL);
-    pids_.erase(node);
-  }
-  int UpNodes() {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    v1::ListNodesRequest req;
-    v1::ListNodesResponse resp;
-    if (!stub_->ListNodes(&ctx, req, &resp).ok()) return -1;
-    int up = 0;
-    for (const auto& n : resp.nodes()) up += n.health() == v1::NODE_HEALTH_UP;
-    return up;
-  }
-  bool WaitUp(int n, absl::Duration timeout) {
-    const absl::Time end = absl::Now() + timeout;
-    while (absl::Now() < end) {
-      if (UpNodes() == n) return true;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    return false;
-  }
-
- private:
-  static void Kill(pid_t pid, int sig = SIGTERM) {
-    ::kill(pid, sig);
-    for (int i = 0; i < 100; ++i) {
-      if (::waitpid(pid, nullptr, WNOHANG) == pid) return;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
-  }
-
-  bool Start() {
-    auto t = NetnsTopology::Create(4, "e2e");
-    if (!t.ok()) {
-      ADD_FAILURE() << t.status();
-      return false;
-    }
-    topo_ = std::make_unique<NetnsTopology>(*std::move(t));
-    // Every gRPC socket of this process is made by this thread or by gRPC threads it starts: all in namespace 0.
-    if (auto s = topo_->EnterNamespace(0); !s.ok()) {
-      ADD_FAILURE() << s;
-      return false;
-    }
-    auto m = topo_->SpawnInNamespace(0, {AGGVM_MASTER_BIN, "--listen", master_address(), "--data-listen",
-                                         topo_->address(0) + ":7071", "--heartbeat-ms", "100", "--lost-after", "5",
-                                         "--agent-timeout", "20"});
-    if (!m.ok()) {
-      ADD_FAILURE() << m.status();
-      return false;
-    }
-    pids_["master"] = *m;
-    stub_ = v1::Master::NewStub(grpc::CreateChannel(master_address(), grpc::InsecureChannelCredentials()));
-    for (int i = 1; i <= 3; ++i) {
-      if (auto s = SpawnAgent(i); !s.ok()) {
-        ADD_FAILURE() << s;
-        return false;
-      }
-    }
-    if (!WaitUp(3, absl::Seconds(20))) {
-      ADD_FAILURE() << "the three agents did not register (UP: " << UpNodes() << ")";
-      return false;
-    }
-    return true;
-  }
-
-  static inline Cluster* instance_ = nullptr;
-  static inline bool tried_ = false;
-  std::unique_ptr<NetnsTopology> topo_;
-  std::map<std::string, pid_t> pids_;
-  std::unique_ptr<v1::Master::Stub> stub_;
-};
-
-class ClusterEnvironment : public ::testing::Environment {
- public:
-  void TearDown() override { Cluster::Destroy(); }
-};
-[[maybe_unused]] ::testing::Environment* const kEnvironment =
-    ::testing::AddGlobalTestEnvironment(new ClusterEnvironment());
-
-// Collects a VM's events (console lines, guest records, state changes) from a WatchEvents stream.
-class Watch {
- public:
-  Watch(v1::Master::Stub& stub, const std::string& vm) {
-    v1::WatchEventsRequest req;
-    req.set_vm(vm);
-    req.set_console(true);
-    reader_ = stub.WatchEvents(&ctx_, req);
-    reader_->WaitForInitialMetadata();
-    thread_ = std::thread([this] {
-      v1::Event e;
-      while (reader_->Read(&e)) {
-        std::lock_guard l(mu_);
-        events_.push_back(e);
-        cv_.notify_all();
-      }
-    });
-  }
-  ~Watch() {
-    ctx_.TryCancel();
-    thread_.join();
-    (void)reader_->Finish();
-  }
-  std::vector<v1::Event> events() {
-    std::lock_guard l(mu_);
-    return events_;
-  }
-  std::vector<v1::GuestRecord> records(uint32_t type, int64_t vector = -1) {
-    std::vector<v1::GuestRecord> out;
-    for (const auto& e : events()) {
-      if (e.has_record() && e.record().type() == type && (vector < 0 || e.record().a() == static_cast<uint64_t>(vector))) {
-        out.push_back(e.record());
-      }
-    }
-    return out;
-  }
-  bool WaitFor(const std::function<bool()>& pred, absl::Duration timeout) {
-    std::unique_lock l(mu_);
-    return cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] {
-      l.unlock();
-      const bool ok = pred();
-      l.lock();
-      return ok;
-    });
-  }
-
- private:
-  grpc::ClientContext ctx_;
-  std::unique_ptr<grpc::ClientReader<v1::Event>> reader_;
-  std::thread thread_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<v1::Event> events_;
-};
+using Watch = VmWatch;
 
 v1::VmSpec Spec(const std::string& name, const std::string& workload, v1::IrqchipMode irqchip) {
-  v1::VmSpec spec;
-  spec.set_name(name);
-  spec.set_vcpus(6);
-  for (int i = 0; i < 3; ++i) {
-    auto* p = spec.add_placement();
-    p->set_node(kNodes[i]);
-    p->add_vcpus(2 * i);
-    p->add_vcpus(2 * i + 1);
-  }
-  spec.set_irqchip(irqchip);
-  spec.set_wait_mode(v1::WAIT_MODE_EVENT);
-  spec.mutable_workload()->set_name(workload);
+  v1::VmSpec spec = ClusterSpec(name, workload, irqchip);
   auto* edge = spec.add_interrupt_routes();  // lowest priority to all six: the policy picks one
   edge->set_gsi(kEdgeGsi);
   edge->set_vector(kEdgeVector);
@@ -238,53 +61,19 @@ v1::VmSpec Spec(const std::string& name, const std::string& workload, v1::Irqchi
   return spec;
 }
 
-grpc::Status Call(const std::function<grpc::Status(grpc::ClientContext&)>& f) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  return f(ctx);
+grpc::Status CreateVm(ClusterLauncher& c, const v1::VmSpec& spec) { return testing::CreateVm(c.stub(), spec); }
+grpc::Status Lifecycle(ClusterLauncher& c, const std::string& verb, const std::string& vm) {
+  return testing::Lifecycle(c.stub(), verb, vm);
 }
-
-grpc::Status CreateVm(Cluster& c, const v1::VmSpec& spec) {
-  v1::CreateVmRequest req;
-  *req.mutable_spec() = spec;
-  v1::VmStatus out;
-  return Call([&](grpc::ClientContext& ctx) { return c.stub().CreateVm(&ctx, req, &out); });
-}
-grpc::Status Lifecycle(Cluster& c, const std::string& verb, const std::string& vm) {
-  v1::VmRef ref;
-  ref.set_name(vm);
-  v1::VmStatus out;
-  return Call([&](grpc::ClientContext& ctx) {
-    if (verb == "start") return c.stub().StartVm(&ctx, ref, &out);
-    return c.stub().StopVm(&ctx, ref, &out);
-  });
-}
-grpc::Status Ring(Cluster& c, const std::string& vm, const std::string& node, uint32_t gsi, bool level = false,
+grpc::Status Ring(ClusterLauncher& c, const std::string& vm, const std::string& node, uint32_t gsi, bool level = false,
                   bool asserted = true) {
-  v1::RingDoorbellRequest req;
-  req.set_vm(vm);
-  req.set_node(node);
-  req.set_gsi(gsi);
-  req.set_level(level);
-  req.set_asserted(asserted);
-  v1::RingDoorbellResponse resp;
-  return Call([&](grpc::ClientContext& ctx) { return c.stub().RingDoorbell(&ctx, req, &resp); });
+  return testing::Ring(c.stub(), vm, node, gsi, level, asserted);
 }
-absl::StatusOr<v1::RoutingTable> Table(Cluster& c, const std::string& vm) {
-  v1::VmRef ref;
-  ref.set_name(vm);
-  v1::RoutingTable t;
-  auto st = Call([&](grpc::ClientContext& ctx) { return c.stub().GetRoutingTable(&ctx, ref, &t); });
-  if (!st.ok()) return absl::UnknownError(st.error_message());
-  return t;
+absl::StatusOr<v1::RoutingTable> Table(ClusterLauncher& c, const std::string& vm) {
+  return testing::Table(c.stub(), vm);
 }
 
-#define CLUSTER_OR_SKIP()                                        \
-  AGGVM_REQUIRE_KVM();                                           \
-  AGGVM_REQUIRE_NETNS();                                         \
-  Cluster* cluster = Cluster::Get();                             \
-  ASSERT_NE(cluster, nullptr) << "the cluster did not come up"; \
-  ASSERT_TRUE(cluster->WaitUp(3, absl::Seconds(20)))
+#define CLUSTER_OR_SKIP() AGGVM_SHARED_CLUSTER_OR_SKIP(Options())
 
 TEST(ClusterE2e, EveryVcpuOnEveryNodeSaysHelloOnTheOneConsole) {
   CLUSTER_OR_SKIP();
@@ -321,7 +110,9 @@ std::vector<uint32_t> Expected(irqchip::RoutingPolicy policy, int rings, std::op
   }
   auto r = irqchip::Router::Create(vcpus, irqchip::RouterConfig{.policy = policy});
   EXPECT_TRUE(r.ok());
-  if (pinned) EXPECT_TRUE(r->PinVector(Vector(kEdgeVector), VcpuIndex(*pinned)).ok());
+  if (pinned) {
+    EXPECT_TRUE(r->PinVector(Vector(kEdgeVector), VcpuIndex(*pinned)).ok());
+  }
   irqchip::InterruptRequest req;
   req.source_node = NodeId(1);
   req.gsi = Gsi(kEdgeGsi);
@@ -443,7 +234,7 @@ TEST_P(DoorbellE2e, DoorbellsOnNodeAReachTheVcpuThePolicyChoseAndLevelWaitsForTh
 }
 
 INSTANTIATE_TEST_SUITE_P(Irqchip, DoorbellE2e, ::testing::Values(v1::IRQCHIP_MODE_KERNEL, v1::IRQCHIP_MODE_USER),
-                         [](const auto& info) { return info.param == v1::IRQCHIP_MODE_USER ? "user" : "kernel"; });
+                         [](const auto& p) { return p.param == v1::IRQCHIP_MODE_USER ? "user" : "kernel"; });
 
 TEST(ClusterE2e, BadSpecsAndDoorbellsAreRefusedWithAClearMessage) {
   CLUSTER_OR_SKIP();
@@ -465,7 +256,9 @@ TEST(ClusterE2e, BadSpecsAndDoorbellsAreRefusedWithAClearMessage) {
     auto st = CreateVm(*cluster, spec);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << b.expect;
     EXPECT_THAT(st.error_message(), HasSubstr(b.expect));
-    if (st.ok()) EXPECT_TRUE(Lifecycle(*cluster, "stop", "bad").ok());  // frees the nodes for the next tests
+    if (st.ok()) {
+      EXPECT_TRUE(Lifecycle(*cluster, "stop", "bad").ok());  // frees the nodes for the next tests
+    }
   }
   // Memory too small for the image: a 4 MiB VM for an image loaded up to 5 MiB (the probe guest is smaller).
   // Covered with a synthetic ELF in master_unit_test (vm_spec_test.cc: "memory_mib: 32 MiB is too small").
@@ -497,7 +290,7 @@ TEST(ClusterE2e, AnAgentThatDisappearsFailsItsVmWithAClearEvent) {
   ASSERT_TRUE(Lifecycle(*cluster, "start", "victim").ok());
   ASSERT_TRUE(w.WaitFor([&] { return w.records(kHelloRecord).size() == 6; }, absl::Seconds(60)));
   const absl::Time killed = absl::Now();
-  cluster->KillAgent("node-c");
+  cluster->KillAgent(3, SIGKILL);
   std::string error;
   ASSERT_TRUE(w.WaitFor(
       [&] {

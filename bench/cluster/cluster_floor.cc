@@ -1,0 +1,219 @@
+#include "bench/cluster/cluster_floor.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "common/clock.h"
+#include "node-agent/irq_probe.h"
+#include "node-agent/probe_vm.h"
+#include "transport/tcp_transport.h"
+
+namespace aggvm::bench {
+namespace {
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop.store(true); }
+
+}  // namespace
+
+bool StopRequested() { return g_stop.load(); }
+
+absl::StatusOr<BenchCluster> StartBenchCluster(const std::string& tag, bool loopback) {
+  if (::access("/dev/kvm", R_OK | W_OK) != 0) {
+    return absl::FailedPreconditionError("/dev/kvm is missing or not accessible (load kvm, run as root)");
+  }
+  struct sigaction sa{};
+  sa.sa_handler = OnSignal;
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  std::string dir_template = fmt::format("/tmp/aggvm-{}.XXXXXX", tag);
+  if (::mkdtemp(dir_template.data()) == nullptr) return absl::InternalError("mkdtemp failed for the daemons' logs");
+  BenchCluster out;
+  out.logdir = dir_template;
+  testing::ClusterOptions options;
+  options.tag = tag.substr(0, 2);
+  options.master_bin = AGGVM_MASTER_BIN;
+  options.agent_bin = AGGVM_AGENT_BIN;
+  options.loopback = loopback;
+  options.log_dir = out.logdir;
+  options.heartbeat_ms = 200;
+  auto c = testing::ClusterLauncher::Start(options);
+  if (!c.ok()) {
+    return absl::Status(c.status().code(),
+                        fmt::format("{} (logs in {})", std::string(c.status().message()), out.logdir));
+  }
+  out.cluster = std::move(*c);
+  out.network = out.cluster->in_namespaces() ? "netns" : "loopback";
+  return out;
+}
+
+void RemoveLogs(const BenchCluster& b) {
+  const std::string rm = fmt::format("rm -rf {}", b.logdir);
+  if (std::system(rm.c_str()) != 0) std::fprintf(stderr, "note: could not remove %s\n", b.logdir.c_str());
+}
+
+absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
+                                                int port) {
+  using namespace transport;
+  const std::string a = fmt::format("{}:{}", cluster.host(from), port);
+  const std::string b = fmt::format("{}:{}", cluster.host(to), port + 1);
+  std::unique_ptr<TcpTransport> ta, tb;
+  auto make = [&](int host, NodeId id, const std::string& addr, std::unique_ptr<TcpTransport>& t) {
+    return cluster.RunIn(host, [&]() -> absl::Status {
+      TcpTransportOptions o{.listen_address = addr, .wait_mode = WaitMode::kEvent};
+      auto r = TcpTransport::Create(id, o);
+      if (!r.ok()) return r.status();
+      t = std::move(*r);
+      return absl::OkStatus();
+    });
+  };
+  if (auto s = make(from, NodeId(1), a, ta); !s.ok()) return s;
+  if (auto s = make(to, NodeId(2), b, tb); !s.ok()) return s;
+  PeerEndpoint to_b{NodeId(2), b}, to_a{NodeId(1), a};
+  absl::Status sb;
+  std::thread connect_b(
+      [&] { sb = cluster.RunIn(to, [&] { return tb->Connect(std::span(&to_a, 1), absl::Seconds(10)); }); });
+  absl::Status sa = cluster.RunIn(from, [&] { return ta->Connect(std::span(&to_b, 1), absl::Seconds(10)); });
+  connect_b.join();
+  if (!sa.ok()) return sa;
+  if (!sb.ok()) return sb;
+
+  auto send = [](Transport& t, NodeId dst, const Frame& f) -> absl::Status {
+    for (;;) {
+      Frame copy = f;
+      absl::Status s = t.Send(dst, copy);
+      if (s.code() != absl::StatusCode::kResourceExhausted) return s;
+    }
+  };
+  auto receive = [](Transport& t, ReceivedFrame& out) -> absl::Status {
+    for (int tries = 0; tries < 10; ++tries) {
+      auto r = t.Wait(std::span(&out, 1), absl::Seconds(1));
+      if (!r.ok()) return r.status();
+      if (*r == 1) return absl::OkStatus();
+    }
+    return absl::DeadlineExceededError("no frame within 10 s");
+  };
+  absl::Status echo_status;
+  std::thread echo([&] {
+    ReceivedFrame f;
+    for (size_t i = 0; i < n && echo_status.ok(); ++i) {
+      echo_status = receive(*tb, f);
+      if (echo_status.ok()) echo_status = send(*tb, NodeId(1), f.frame);
+    }
+  });
+  std::vector<double> us;
+  absl::Status st;
+  ReceivedFrame f;
+  for (size_t i = 0; i < n && st.ok(); ++i) {
+    Frame ping;
+    ping.type = FrameType::kControl;
+    ping.payload = ControlPayload{.op = ControlPayload::Op::kPing, .arg0 = static_cast<uint32_t>(i), .arg1 = 0};
+    const uint64_t t0 = MonotonicNanos();
+    st = send(*ta, NodeId(2), ping);
+    if (st.ok()) st = receive(*ta, f);
+    if (st.ok()) us.push_back(static_cast<double>(MonotonicNanos() - t0) / 2e3);
+  }
+  if (!st.ok()) tb->Close();  // ends the echo thread's wait
+  echo.join();
+  ta->Close();
+  tb->Close();
+  if (!st.ok()) return st;
+  if (!echo_status.ok()) return echo_status;
+  return us;
+}
+
+absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace) {
+  agent::ProbeVmConfig c;
+  c.guest_elf = AGGVM_PROBE_GUEST_ELF;
+  c.irqchip = irqchip;
+  c.workload = guest::AGGVM_WORKLOAD_IRQ_SINK;
+  c.num_vcpus = 2;
+  agent::IrqProbe probe;
+  probe.Attach(c);
+  auto vm = agent::ProbeVm::Create(c);
+  if (!vm.ok()) return vm.status();
+  if (auto s = (*vm)->Start(); !s.ok()) return s;
+  LocalMsi out;
+  out.tsc_khz = (*vm)->tsc_khz();
+  absl::Status st;
+  if (pace <= absl::ZeroDuration()) {
+    auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), n, agent::MsiPath::kInjector, absl::Seconds(120));
+    if (r.ok()) out.to_handler_us = std::move(r->to_handler_us);
+    st = r.status();
+  } else {
+    // One sample per call, the next injection `pace` after the previous one: the vCPU thread has left KVM's
+    // halt-polling (halt_poll_ns, 200 µs by default) and sleeps when the MSI comes, as node-b's does in the cluster.
+    out.to_handler_us.reserve(n);
+    for (size_t i = 0; i < n && st.ok(); ++i) {
+      const absl::Time next = absl::Now() + pace;
+      auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), 1, agent::MsiPath::kInjector, absl::Seconds(10));
+      st = r.status();
+      if (r.ok()) out.to_handler_us.push_back(r->to_handler_us.at(0));
+      absl::SleepFor(next - absl::Now());
+    }
+  }
+  (*vm)->Stop();
+  if (!st.ok()) return st;
+  return out;
+}
+
+absl::StatusOr<LocalIpi> MeasureLocalIpiRoundTrip(vcpu::IrqchipMode irqchip, uint32_t rounds) {
+  agent::ProbeVmConfig c;
+  c.guest_elf = AGGVM_PROBE_GUEST_ELF;
+  c.irqchip = irqchip;
+  c.workload = guest::AGGVM_WORKLOAD_IPI_PINGPONG;
+  c.num_vcpus = 2;
+  c.iterations = rounds;
+  auto vm = agent::ProbeVm::Create(c);
+  if (!vm.ok()) return vm.status();
+  if (auto s = (*vm)->Start(); !s.ok()) return s;
+  absl::Status st = (*vm)->WaitDone(absl::Seconds(120));
+  LocalIpi out;
+  out.tsc_khz = (*vm)->tsc_khz();
+  out.round_trip_us = agent::PingPongRoundTripsUs((*vm)->report(VcpuIndex(0)), out.tsc_khz);
+  (*vm)->Stop();
+  if (!st.ok()) return st;
+  if (out.round_trip_us.empty()) return absl::InternalError("the local ipi-pingpong reported no PING_ROUND record");
+  return out;
+}
+
+double MedianGap(std::vector<double> stamps) {
+  if (stamps.size() < 2) return 0;
+  std::sort(stamps.begin(), stamps.end());
+  std::vector<double> gaps;
+  for (size_t i = 1; i < stamps.size(); ++i) gaps.push_back(stamps[i] - stamps[i - 1]);
+  std::nth_element(gaps.begin(), gaps.begin() + static_cast<std::ptrdiff_t>(gaps.size() / 2), gaps.end());
+  return gaps[gaps.size() / 2];
+}
+
+ClockPair ReadPair() {
+  ClockPair best;
+  uint64_t best_gap = ~uint64_t{0};
+  for (int i = 0; i < 5; ++i) {
+    const uint64_t t0 = ReadTsc();
+    const uint64_t ns = MonotonicNanos();
+    const uint64_t t1 = ReadTsc();
+    if (t1 - t0 < best_gap) {
+      best_gap = t1 - t0;
+      best = {t0 + (t1 - t0) / 2, ns};
+    }
+  }
+  return best;
+}
+
+nlohmann::json ToJson(const Summary& s) {
+  return {{"count", s.count}, {"p50_us", s.p50}, {"p90_us", s.p90}, {"p99_us", s.p99}, {"min_us", s.min},
+          {"max_us", s.max}, {"mean_us", s.mean}};
+}
+
+}  // namespace aggvm::bench
