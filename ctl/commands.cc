@@ -155,6 +155,30 @@ absl::Status Status(const CtlOptions& opt, std::ostream& out) {
   return absl::OkStatus();
 }
 
+absl::Status Clocks(const CtlOptions& opt, uint32_t samples, std::ostream& out) {
+  Client c(opt);
+  auto lab = v1::Lab::NewStub(grpc::CreateChannel(opt.master, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  // Each node takes `samples` round trips: allow for them on top of the usual timeout.
+  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(opt.timeout) +
+                   std::chrono::milliseconds(10 * samples));
+  v1::ProbeClocksRequest req;
+  req.set_samples(samples);
+  v1::ProbeClocksResponse resp;
+  if (auto st = lab->ProbeClocks(&ctx, req, &resp); !st.ok()) return c.Fail(st, "probe clocks");
+  fmt::print(out, "clock offsets against the master (node - master, RTT/2 method, {} probes per node)\n", samples);
+  fmt::print(out, "{:<16} {:>14} {:>16} {:>14}\n", "NODE", "OFFSET-US", "UNCERTAINTY-US", "MIN-RTT-US");
+  for (const auto& n : resp.nodes()) {
+    if (!n.error().empty()) {
+      fmt::print(out, "{:<16} {}\n", n.node(), n.error());
+      continue;
+    }
+    fmt::print(out, "{:<16} {:>14.1f} {:>16.1f} {:>14.1f}\n", n.node(), n.offset_ns() / 1e3, n.uncertainty_ns() / 1e3,
+               static_cast<double>(n.rtt_min_ns()) / 1e3);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status VmValidate(const std::string& spec_file, std::ostream& out) {
   auto spec = master::LoadVmSpecFile(spec_file);
   if (!spec.ok()) return spec.status();

@@ -50,6 +50,9 @@ struct FollowOptions {
 };
 /// Prints the VM's console lines (and state changes) as they arrive.
 absl::Status Console(const CtlOptions& opt, const std::string& vm, const FollowOptions& follow, std::ostream& out);
+/// Prints each UP node's CLOCK_MONOTONIC offset against the master's, with its uncertainty (RTT/2 method over
+/// `samples` GetClock round trips per node, Lab.ProbeClocks).
+absl::Status Clocks(const CtlOptions& opt, uint32_t samples, std::ostream& out);
 /// Prints every event (nodes joining / lost, VM state changes) as they arrive.
 absl::Status Events(const CtlOptions& opt, const FollowOptions& follow, std::ostream& out);
 

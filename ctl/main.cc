@@ -59,6 +59,11 @@ int main(int argc, char** argv) {
   auto* console = app.add_subcommand("console", "print the VM's guest console lines as they arrive");
   console->add_option("NAME", name)->required();
   console->add_flag("--follow,-f", follow_flag, "keep following (the default; kept for familiarity)");
+  uint32_t clock_samples = 16;
+  auto* clocks = app.add_subcommand("clocks", "each node's clock offset against the master, with its uncertainty");
+  clocks->add_option("--samples", clock_samples, "GetClock round trips per node")
+      ->check(CLI::Range(1u, 1000u))
+      ->capture_default_str();
   auto* events = app.add_subcommand("events", "print cluster events (nodes joining / lost, VM state changes)");
   for (auto* sub : {console, events}) {
     sub->add_option("--for", follow_for_s, "stop after this many seconds");
@@ -91,6 +96,7 @@ int main(int argc, char** argv) {
   }
   else if (*console) st = aggvm::ctl::Console(opt, name, follow, out);
   else if (*events) st = aggvm::ctl::Events(opt, follow, out);
+  else if (*clocks) st = aggvm::ctl::Clocks(opt, clock_samples, out);
   else {
     for (int i = 0; i < 3; ++i) {
       if (*lifecycle[i]) st = aggvm::ctl::VmLifecycle(opt, verbs[i], name, out);

@@ -5,7 +5,9 @@
 #include <variant>
 
 #include <fmt/format.h>
+#include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
+#include <prometheus/metric_family.h>
 #include <prometheus/family.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
@@ -16,6 +18,47 @@ namespace {
 constexpr std::array<uint64_t, 16> kDefaultBoundsNs = {
     1'000,   2'000,   5'000,     10'000,    20'000,    50'000,     100'000,    200'000,
     500'000, 1'000'000, 2'000'000, 5'000'000, 10'000'000, 20'000'000, 50'000'000, 100'000'000,
+};
+
+bool ValidName(const std::string& n, bool label) {
+  if (n.empty()) return false;
+  for (size_t i = 0; i < n.size(); ++i) {
+    const char c = n[i];
+    const bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || (!label && c == ':');
+    if (!alpha && !(i > 0 && c >= '0' && c <= '9')) return false;
+  }
+  return !(label && n.rfind("__", 0) == 0);
+}
+
+// Turns a ScrapeFunction's samples into metric families at every scrape, grouped by name in first-seen order.
+class FunctionCollectable final : public prometheus::Collectable {
+ public:
+  explicit FunctionCollectable(ScrapeFunction f) : f_(std::move(f)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> out;
+    std::map<std::string, size_t> index;
+    for (auto& s : f_()) {
+      if (!ValidName(s.name, false)) continue;
+      bool labels_ok = true;
+      for (const auto& [k, v] : s.labels) labels_ok = labels_ok && ValidName(k, true);
+      if (!labels_ok) continue;
+      const auto type = s.type == ScrapedSample::Type::kCounter ? prometheus::MetricType::Counter
+                                                                : prometheus::MetricType::Gauge;
+      auto [it, fresh] = index.emplace(s.name, out.size());
+      if (fresh) out.push_back(prometheus::MetricFamily{s.name, s.help, type, {}});
+      prometheus::MetricFamily& fam = out[it->second];
+      if (fam.type != type) continue;  // one name, one type
+      prometheus::ClientMetric m;
+      for (const auto& [k, v] : s.labels) m.label.push_back({k, v});
+      if (type == prometheus::MetricType::Counter) m.counter.value = s.value;
+      else m.gauge.value = s.value;
+      fam.metric.push_back(std::move(m));
+    }
+    return out;
+  }
+
+ private:
+  ScrapeFunction f_;
 };
 
 }  // namespace
@@ -112,12 +155,15 @@ std::string MetricsRegistry::TextExposition() const {
   return prometheus::TextSerializer().Serialize(registry_->Collect());
 }
 
-MetricsEndpoint::MetricsEndpoint(std::unique_ptr<prometheus::Exposer> exposer, uint16_t port)
-    : exposer_(std::move(exposer)), port_(port) {}
-MetricsEndpoint::~MetricsEndpoint() = default;
+MetricsEndpoint::MetricsEndpoint(std::unique_ptr<prometheus::Exposer> exposer, uint16_t port,
+                                 std::shared_ptr<prometheus::Collectable> collector)
+    : collector_(std::move(collector)), exposer_(std::move(exposer)), port_(port) {}
+// The exposer (its civetweb threads) goes first: no scrape can still be running in the collector.
+MetricsEndpoint::~MetricsEndpoint() { exposer_.reset(); }
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(const MetricsRegistry& registry,
-                                                                        const std::string& bind_address) {
+                                                                        const std::string& bind_address,
+                                                                        ScrapeFunction collect) {
   std::unique_ptr<prometheus::Exposer> exposer;
   try {
     // One civetweb worker thread is plenty for a scrape every few seconds.
@@ -131,7 +177,13 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(const Me
     return absl::UnavailableError(fmt::format("metrics endpoint: no listening port for '{}'", bind_address));
   }
   exposer->RegisterCollectable(registry.prometheus_registry());
-  return std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint(std::move(exposer), static_cast<uint16_t>(ports.front())));
+  std::shared_ptr<prometheus::Collectable> collector;
+  if (collect) {
+    collector = std::make_shared<FunctionCollectable>(std::move(collect));
+    exposer->RegisterCollectable(collector);
+  }
+  return std::unique_ptr<MetricsEndpoint>(
+      new MetricsEndpoint(std::move(exposer), static_cast<uint16_t>(ports.front()), std::move(collector)));
 }
 
 }  // namespace aggvm::lab

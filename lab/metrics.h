@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -29,6 +30,7 @@
 namespace prometheus {
 class Registry;
 class Exposer;
+class Collectable;
 }  // namespace prometheus
 
 namespace aggvm::lab {
@@ -89,13 +91,28 @@ class MetricsRegistry {
   std::map<std::string, std::unique_ptr<FamilyEntry>, std::less<>> families_;
 };
 
+/// One value read at scrape time from counters that already exist elsewhere (a controller's relaxed atomics, a
+/// transport's stats): nothing is added to the path that bumps them.
+struct ScrapedSample {
+  enum class Type : uint8_t { kCounter, kGauge };
+  std::string name;   // e.g. aggvm_interrupts_dropped_total
+  std::string help;   // the same for every sample of one name
+  MetricLabels labels;
+  double value = 0;
+  Type type = Type::kCounter;
+};
+/// Called on the endpoint's thread for every scrape. Must be thread-safe and must not block for long.
+using ScrapeFunction = std::function<std::vector<ScrapedSample>()>;
+
 /// An HTTP endpoint serving GET /metrics for one registry (civetweb threads inside prometheus-cpp).
 class MetricsEndpoint {
  public:
   /// Listens on `bind_address` ("127.0.0.1:0" picks a free port). UNAVAILABLE if it cannot listen (the message
-  /// names the address).
+  /// names the address). `collect` (optional) adds the samples it returns to every scrape, after the registry's;
+  /// samples with an invalid metric or label name are left out.
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(const MetricsRegistry& registry,
-                                                                const std::string& bind_address = "127.0.0.1:0");
+                                                                const std::string& bind_address = "127.0.0.1:0",
+                                                                ScrapeFunction collect = {});
   ~MetricsEndpoint();
   MetricsEndpoint(const MetricsEndpoint&) = delete;
   MetricsEndpoint& operator=(const MetricsEndpoint&) = delete;
@@ -103,7 +120,9 @@ class MetricsEndpoint {
   uint16_t port() const { return port_; }
 
  private:
-  MetricsEndpoint(std::unique_ptr<prometheus::Exposer> exposer, uint16_t port);
+  MetricsEndpoint(std::unique_ptr<prometheus::Exposer> exposer, uint16_t port,
+                  std::shared_ptr<prometheus::Collectable> collector);
+  std::shared_ptr<prometheus::Collectable> collector_;  // held here: the exposer keeps only a weak_ptr
   std::unique_ptr<prometheus::Exposer> exposer_;
   uint16_t port_;
 };

@@ -198,7 +198,7 @@ TEST(LabPlot, RealPingPongResultsBecomePngAndSvgThroughTheCommand) {
 TEST(LabPlot, NothingToPlotAndMissingGnuplotAreErrors) {
   ExperimentResult empty;
   empty.name = "empty";
-  empty.configurations.push_back({{{"a", "b"}}, HopBreakdown()});
+  empty.configurations.push_back({{{"a", "b"}}, HopBreakdown(), "ok", {}});
   const std::string dir = ::testing::TempDir();
   EXPECT_EQ(WritePlots(empty, dir, "lab_plot_empty").status().code(), absl::StatusCode::kFailedPrecondition);
 

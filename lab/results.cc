@@ -71,6 +71,8 @@ absl::Status Get(const nlohmann::json& o, const char* name, const std::string& w
   if (it == o.end()) return Invalid(where + name, "is missing");
   if constexpr (std::is_same_v<T, std::string>) {
     if (!it->is_string()) return Invalid(where + name, "must be a string");
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!it->is_number()) return Invalid(where + name, "must be a number");
   } else {
     if (!it->is_number_integer() || (!it->is_number_unsigned() && it->template get<int64_t>() < 0)) {
       return Invalid(where + name, "must be a non-negative integer");
@@ -112,9 +114,27 @@ std::string ConfigurationResult::Label() const {
 nlohmann::json ExperimentResult::ToJson() const {
   nlohmann::json configs = nlohmann::json::array();
   for (const auto& c : configurations) {
-    configs.push_back({{"config", c.config}, {"label", c.Label()}, {"hops", c.hops.ToJson()}});
+    configs.push_back({{"config", c.config},
+                       {"label", c.Label()},
+                       {"status", c.status},
+                       {"measurements", c.measurements},
+                       {"hops", c.hops.ToJson()}});
+  }
+  nlohmann::json clock_list = nlohmann::json::array();
+  for (const auto& c : clocks) {
+    clock_list.push_back({{"node", c.node}, {"phase", c.phase}, {"offset_ns", c.offset_ns},
+                          {"uncertainty_ns", c.uncertainty_ns}, {"rtt_min_ns", c.rtt_min_ns},
+                          {"samples", c.samples}, {"error", c.error}});
+  }
+  nlohmann::json experiment = nlohmann::json::object();
+  if (!experiment_json.empty()) {
+    experiment = nlohmann::json::parse(experiment_json, nullptr, /*allow_exceptions=*/false);
+    if (experiment.is_discarded()) experiment = experiment_json;  // keep the text as it was
   }
   return {{"format_version", kResultsFormatVersion},
+          {"cluster", cluster},
+          {"experiment", std::move(experiment)},
+          {"clocks", std::move(clock_list)},
           {"name", name},
           {"software_version", software_version},
           {"machine",
@@ -146,6 +166,30 @@ absl::StatusOr<ExperimentResult> ExperimentResult::FromJson(const nlohmann::json
                  Get(*m, "tsc_khz", "machine.", r.machine.tsc_khz)}) {
     if (!s.ok()) return s;
   }
+  if (j.contains("cluster")) {
+    if (auto s = Get(j, "cluster", "", r.cluster); !s.ok()) return s;
+  }
+  if (auto e = j.find("experiment"); e != j.end()) {
+    if (e->is_string()) r.experiment_json = e->get<std::string>();
+    else if (e->is_object()) r.experiment_json = e->empty() ? "" : e->dump();
+    else return Invalid("experiment", "must be an object");
+  }
+  if (auto cl = j.find("clocks"); cl != j.end()) {
+    if (!cl->is_array()) return Invalid("clocks", "must be an array");
+    for (size_t k = 0; k < cl->size(); ++k) {
+      const auto& c = (*cl)[k];
+      const std::string where = fmt::format("clocks[{}].", k);
+      if (!c.is_object()) return Invalid(where, "must be an object");
+      ClockRecord rec;
+      for (auto s : {Get(c, "node", where, rec.node), Get(c, "phase", where, rec.phase),
+                     Get(c, "offset_ns", where, rec.offset_ns), Get(c, "uncertainty_ns", where, rec.uncertainty_ns),
+                     Get(c, "rtt_min_ns", where, rec.rtt_min_ns), Get(c, "samples", where, rec.samples),
+                     Get(c, "error", where, rec.error)}) {
+        if (!s.ok()) return s;
+      }
+      r.clocks.push_back(std::move(rec));
+    }
+  }
   auto configs = j.find("configurations");
   if (configs == j.end() || !configs->is_array()) return Invalid("configurations", "must be an array");
   size_t memory = 0;
@@ -164,6 +208,16 @@ absl::StatusOr<ExperimentResult> ExperimentResult::FromJson(const nlohmann::json
     if (auto s = Get(c, "label", where, label); !s.ok()) return s;
     if (label != cr.Label()) {
       return Invalid(where + "label", fmt::format("'{}' does not match the config ('{}')", label, cr.Label()));
+    }
+    if (c.contains("status")) {
+      if (auto s = Get(c, "status", where, cr.status); !s.ok()) return s;
+    }
+    if (auto ms = c.find("measurements"); ms != c.end()) {
+      if (!ms->is_object()) return Invalid(where + "measurements", "must be an object of numbers");
+      for (const auto& [key, value] : ms->items()) {
+        if (!value.is_number()) return Invalid(where + "measurements." + key, "must be a number");
+        cr.measurements[key] = value.get<double>();
+      }
     }
     auto hops = c.find("hops");
     if (hops == c.end()) return Invalid(where + "hops", "is missing");

@@ -39,10 +39,26 @@ std::string_view SoftwareVersion();
 struct ConfigurationResult {
   std::map<std::string, std::string> config;  // e.g. transport=tcp, wait=busy-poll, route=via-master
   HopBreakdown hops;
+  /// "ok", or why the configuration produced no (or partial) data, e.g. "skipped: no RDMA device on node-a ...".
+  std::string status = "ok";
+  /// Other numbers of the run, by name (samples_lost, rate_hz, trace_on_p50_ns, ...). Optional in files.
+  std::map<std::string, double> measurements;
 
   /// "k1=v1,k2=v2" in key order: the configuration's label in tables, CSV and plots ("default" when empty).
   std::string Label() const;
   bool operator==(const ConfigurationResult&) const = default;
+};
+
+/// One node's clock offset against the master's CLOCK_MONOTONIC (RTT/2 method, lab/clock_offset.h).
+struct ClockRecord {
+  std::string node;
+  std::string phase;          // "start" or "end" of the run
+  double offset_ns = 0;       // node - master
+  double uncertainty_ns = 0;  // +- (RTT_min / 2)
+  uint64_t rtt_min_ns = 0;
+  uint32_t samples = 0;
+  std::string error;          // the node did not answer
+  bool operator==(const ClockRecord&) const = default;
 };
 
 struct ExperimentResult {
@@ -50,6 +66,12 @@ struct ExperimentResult {
   std::string software_version;
   MachineInfo machine;
   std::vector<ConfigurationResult> configurations;
+  /// Where it ran ("local: master + 2 agents in network namespaces", "cluster at host:port"). Optional in files.
+  std::string cluster;
+  /// The experiment definition as run (compact JSON text; "" = not recorded). Written as a JSON object.
+  std::string experiment_json;
+  /// Clock offsets of the nodes at the start and the end of the run. Optional in files.
+  std::vector<ClockRecord> clocks;
 
   nlohmann::json ToJson() const;
   std::string ToJsonString() const;  // pretty-printed, newline-terminated

@@ -37,9 +37,17 @@ ExperimentResult Example() {
   r.software_version = std::string(SoftwareVersion());
   r.machine = MachineInfo::Collect(5);
   r.configurations.push_back({{{"transport", "tcp"}, {"wait", "busy-poll"}, {"route", "via-master"}},
-                              Synthetic(1, 3'000)});
-  r.configurations.push_back({{{"transport", "tcp"}, {"wait", "epoll"}, {"route", "direct"}}, Synthetic(2, 9'000)});
-  r.configurations.push_back({{}, HopBreakdown()});  // a configuration without samples
+                              Synthetic(1, 3'000), "ok", {}});
+  r.configurations.push_back({{{"transport", "tcp"}, {"wait", "epoll"}, {"route", "direct"}}, Synthetic(2, 9'000), "ok", {}});
+  r.configurations.push_back({{}, HopBreakdown(), "ok", {}});  // a configuration without samples
+  ConfigurationResult skipped{{{"transport", "rdma"}}, HopBreakdown(), "ok", {}};
+  skipped.status = "skipped: no RDMA device on node-a";
+  skipped.measurements = {{"samples_lost", 3}, {"rate_hz", 2500.5}};
+  r.configurations.push_back(skipped);
+  r.cluster = "local: master + 2 agents";
+  r.experiment_json = R"({"name":"x","samples":10})";
+  r.clocks.push_back({"node-a", "start", -12.5, 40.25, 81, 16, ""});
+  r.clocks.push_back({"node-b", "end", 0, 0, 0, 0, "GetClock: unavailable"});
   return r;
 }
 
@@ -144,6 +152,12 @@ TEST(Results, TableShowsEveryConfigurationAndHop) {
   // The p50 of the first configuration's end to end, in µs with 2 decimals, appears in the table.
   const auto p50 = r.configurations[0].hops.hop(Hop::kEndToEnd).histogram.Percentile(50);
   EXPECT_NE(t.find(fmt::format("{:.2f}", static_cast<double>(p50) / 1000.0)), std::string::npos);
+  // Status, measurements, where it ran and the clocks are shown too.
+  EXPECT_NE(t.find("skipped: no RDMA device on node-a"), std::string::npos);
+  EXPECT_NE(t.find("rate_hz = 2500.5"), std::string::npos);
+  EXPECT_NE(t.find("cluster local: master + 2 agents"), std::string::npos);
+  EXPECT_NE(t.find("clock node-a at start: offset -0.0 us +- 0.0 us"), std::string::npos) << t;
+  EXPECT_NE(t.find("clock node-b at end: GetClock: unavailable"), std::string::npos);
 }
 
 TEST(Results, MalformedFilesAreRefusedWithTheField) {

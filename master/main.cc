@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   app.add_option("--data-listen", opt.data_listen_address,
                  "data-plane (interrupt frames) listen address host:port, announced to the agents as NodeId 0")
       ->capture_default_str();
+  app.add_option("--metrics-listen", opt.metrics_listen,
+                 "host:port of a Prometheus /metrics endpoint (off unless given; port 0: any)");
   app.add_option("--guest", opt.default_image, "guest ELF for specs that name no image (default: this build's probe guest)");
   CLI11_PARSE(app, argc, argv);
   opt.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
@@ -45,6 +47,9 @@ int main(int argc, char** argv) {
   }
   spdlog::info("aggvm-master listening on port {} (heartbeat {} ms, LOST after {} missed); data plane {}",
                (*server)->port(), heartbeat_ms, opt.lost_after_intervals, opt.data_listen_address);
+  if ((*server)->metrics_port() != 0) {
+    spdlog::info("metrics on {} (port {}), GET /metrics", opt.metrics_listen, (*server)->metrics_port());
+  }
   int sig = 0;
   sigwait(&stop, &sig);
   spdlog::info("signal {}: shutting down", sig);

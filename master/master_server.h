@@ -29,6 +29,9 @@ struct MasterOptions {
   std::string data_listen_address = "0.0.0.0:7071";
   /// Called with a one-line description of every event (node joined/lost, VM state, console), from one thread.
   std::function<void(const std::string&)> event_log;
+  /// host:port of a Prometheus /metrics endpoint ("" = off; port 0 picks a free port, see metrics_port()). The
+  /// running VMs' GlobalController counters are read at scrape time (docs/latency-lab.md "Metrics").
+  std::string metrics_listen;
 };
 
 class MasterServer {
@@ -39,8 +42,10 @@ class MasterServer {
   MasterServer(const MasterServer&) = delete;
   MasterServer& operator=(const MasterServer&) = delete;
 
-  /// The bound port.
+  /// The bound port. The same server also serves the Lab service (clock offsets, proto/aggvm.proto).
   [[nodiscard]] int port() const;
+  /// The metrics endpoint's port (0 when MasterOptions::metrics_listen is empty).
+  [[nodiscard]] int metrics_port() const;
   /// Ends event streams, stops serving (in-flight calls get up to `grace` to finish) and joins the detector.
   /// Idempotent; the destructor calls it.
   void Shutdown(absl::Duration grace = absl::Seconds(2));

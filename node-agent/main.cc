@@ -4,8 +4,10 @@
 //                  vCPUs of the VMs the master places here (ClusterVmHost). SIGINT/SIGTERM stop it cleanly.
 #include <signal.h>
 
+#include <atomic>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -13,7 +15,9 @@
 #include <spdlog/spdlog.h>
 
 #include "node-agent/cluster_vm_host.h"
+#include "lab/trace_record.h"
 #include "node-agent/control/agent_control.h"
+#include "node-agent/control/agent_metrics.h"
 #include "node-agent/standalone.h"
 
 #ifndef AGGVM_DEFAULT_GUEST_ELF
@@ -34,7 +38,11 @@ struct ClusterFlags {
   int rdma_gid_index = -1;
   double register_timeout_s = 10;
   double connect_timeout_s = 20;
+  std::string metrics_listen;  // "" = no metrics endpoint
 };
+
+static_assert(aggvm::lab::kTraceRecordType == aggvm::agent::kTraceRecordType,
+              "lab/trace_record.h decodes the records node-agent/cluster_vm_host.h reports");
 
 // Cluster mode: wires ClusterVmHost behind AgentControlPlane, then waits for SIGINT/SIGTERM.
 int RunCluster(const ClusterFlags& f) {
@@ -67,6 +75,29 @@ int RunCluster(const ClusterFlags& f) {
     return 1;
   }
 
+  // The metrics endpoint starts before the control plane so that it sees the first trace record; it reads the
+  // control plane's counters once that exists.
+  std::atomic<aggvm::agent::control::AgentControlPlane*> plane{nullptr};
+  std::unique_ptr<aggvm::agent::control::AgentMetrics> metrics;
+  if (!f.metrics_listen.empty()) {
+    auto m = aggvm::agent::control::AgentMetrics::Start(
+        f.node, f.metrics_listen,
+        [&plane]() -> std::map<std::string, uint64_t> {
+          auto* p = plane.load();
+          return p ? p->Counters() : std::map<std::string, uint64_t>{};
+        },
+        [&plane]() -> std::string {
+          auto* p = plane.load();
+          return p ? p->vm() : std::string();
+        });
+    if (!m.ok()) {
+      spdlog::error("node '{}': {}", f.node, std::string(m.status().message()));
+      return 1;
+    }
+    metrics = std::move(*m);
+    spdlog::info("node '{}': metrics on {} (port {}), GET /metrics", f.node, f.metrics_listen, metrics->port());
+  }
+
   aggvm::agent::control::AgentControlOptions copt;
   copt.node = f.node;
   copt.master_address = f.master;
@@ -76,6 +107,11 @@ int RunCluster(const ClusterFlags& f) {
   copt.capabilities = *caps;
   copt.register_deadline = absl::Seconds(f.register_timeout_s);
   copt.log = [](const std::string& line) { spdlog::info("{}", line); };
+  if (metrics) {
+    copt.record_tap = [m = metrics.get()](uint32_t type, uint64_t a, uint64_t b, uint64_t c) {
+      m->OnRecord(type, a, b, c);
+    };
+  }
   auto agent = aggvm::agent::control::AgentControlPlane::Start(copt, **host);
   if (!agent.ok()) {
     const absl::Status& st = agent.status();
@@ -96,6 +132,7 @@ int RunCluster(const ClusterFlags& f) {
     }
     return 1;
   }
+  plane.store(agent->get());
   spdlog::info("node '{}' (id {}) serving on port {}, data plane {} (listening on {}), kvm{}{}", f.node,
                (*agent)->node_id().value(), (*agent)->port(), (*host)->data_address(), (*host)->listen_address(),
                caps->split_irqchip() ? ", split irqchip" : "", caps->rdma() ? ", rdma" : "");
@@ -105,6 +142,8 @@ int RunCluster(const ClusterFlags& f) {
   spdlog::info("node '{}': {} received, stopping", f.node, sig == SIGINT ? "SIGINT" : "SIGTERM");
   (*agent)->Shutdown();     // stops heartbeats and the service; stops a held VM through the host
   (void)(*host)->Stop();    // idempotent: vCPUs, data-plane thread, transport
+  plane.store(nullptr);
+  metrics.reset();          // nothing reports records any more; no scrape reads the control plane from here on
   agent->reset();
   host->reset();
   spdlog::info("node '{}' stopped", f.node);
@@ -152,6 +191,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--register-timeout", cf.register_timeout_s, "cluster mode: seconds to keep trying to register")
       ->capture_default_str();
+  app.add_option("--metrics-listen", cf.metrics_listen,
+                 "cluster mode: host:port of a Prometheus /metrics endpoint (off unless given; port 0: any)");
   app.add_option("--connect-timeout", cf.connect_timeout_s, "cluster mode: seconds for a VM's data-plane mesh set-up")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);

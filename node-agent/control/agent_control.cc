@@ -6,8 +6,30 @@
 #include "node-agent/control/node_agent_service.h"
 
 namespace aggvm::agent::control {
+namespace {
+
+// Forwards guest output to the master, showing records to the tap first.
+class TappedOutput final : public GuestOutput {
+ public:
+  TappedOutput(GuestOutput& next, std::function<void(uint32_t, uint64_t, uint64_t, uint64_t)> tap)
+      : next_(next), tap_(std::move(tap)) {}
+  void ConsoleLine(const std::string& vm, VcpuIndex vcpu, std::string_view text) override {
+    next_.ConsoleLine(vm, vcpu, text);
+  }
+  void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c) override {
+    if (tap_) tap_(type, a, b, c);
+    next_.Record(vm, vcpu, type, a, b, c);
+  }
+
+ private:
+  GuestOutput& next_;
+  std::function<void(uint32_t, uint64_t, uint64_t, uint64_t)> tap_;
+};
+
+}  // namespace
 
 struct AgentControlPlane::Impl {
+  std::unique_ptr<TappedOutput> output;
   std::unique_ptr<NodeAgentService> service;
   std::unique_ptr<grpc::Server> server;
   VmHost* host = nullptr;
@@ -35,7 +57,8 @@ absl::StatusOr<std::unique_ptr<AgentControlPlane>> AgentControlPlane::Start(cons
     if (raw->registrations++ > 0) raw->service->StopHeldVm();
   };
   auto client = std::make_unique<MasterClient>(copt);
-  impl->service = std::make_unique<NodeAgentService>(options.node, host, *client);
+  impl->output = std::make_unique<TappedOutput>(*client, options.record_tap);
+  impl->service = std::make_unique<NodeAgentService>(options.node, host, *impl->output);
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &impl->port);
@@ -64,6 +87,17 @@ AgentControlPlane::~AgentControlPlane() { Shutdown(); }
 int AgentControlPlane::port() const { return impl_->port; }
 
 NodeId AgentControlPlane::node_id() const { return client_->node_id(); }
+
+std::map<std::string, uint64_t> AgentControlPlane::Counters() {
+  auto m = impl_->service->Counters();
+  m["control.heartbeats_ok"] = client_->heartbeats_ok();
+  m["control.heartbeat_failures"] = client_->heartbeat_failures();
+  m["control.registrations"] = client_->registrations();
+  m["control.output_dropped"] = client_->output_dropped();
+  return m;
+}
+
+std::string AgentControlPlane::vm() const { return impl_->service->vm(); }
 
 void AgentControlPlane::Shutdown() {
   if (impl_->shut_down) return;

@@ -3,6 +3,9 @@
 // node. No gRPC types in this header.
 #pragma once
 
+#include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -22,6 +25,9 @@ struct AgentControlOptions {
   v1::NodeCapabilities capabilities;
   absl::Duration register_deadline = absl::Seconds(10);
   std::function<void(const std::string&)> log;      // notable events, one line each; may be empty
+  /// Sees every guest/host record the VM reports (type, a, b, c) before it is queued for the master, on the
+  /// reporting thread: must be cheap and must not block (the metrics endpoint's trace-record histograms). May be empty.
+  std::function<void(uint32_t, uint64_t, uint64_t, uint64_t)> record_tap;
 };
 
 class AgentControlPlane {
@@ -36,6 +42,10 @@ class AgentControlPlane {
   [[nodiscard]] int port() const;
   [[nodiscard]] NodeId node_id() const;
   MasterClient& master() { return *client_; }
+  /// The held VM's host counters (VmHost::Stats) and the control plane's, read now (any thread).
+  std::map<std::string, uint64_t> Counters();
+  /// The VM this node holds ("" = none).
+  std::string vm() const;
   /// Stops heartbeating and serving; a prepared VM is stopped on the host. Idempotent.
   void Shutdown();
 

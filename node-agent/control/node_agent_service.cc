@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "absl/strings/str_join.h"
+#include "common/clock.h"
 
 namespace aggvm::agent::control {
 namespace {
@@ -174,6 +175,21 @@ grpc::Status NodeAgentService::GetStats(grpc::ServerContext*, const v1::GetStats
   }
   counters["control_requests_refused"] = refused_;
   return grpc::Status::OK;
+}
+
+grpc::Status NodeAgentService::GetClock(grpc::ServerContext*, const v1::GetClockRequest*, v1::ClockReading* out) {
+  // No lock: the reading must not wait behind a slow VmHost call (it would widen the RTT, not bias the offset).
+  out->set_monotonic_ns(MonotonicNanos());
+  out->set_tsc(ReadTsc());
+  return grpc::Status::OK;
+}
+
+std::map<std::string, uint64_t> NodeAgentService::Counters() {
+  std::lock_guard lock(mu_);
+  std::map<std::string, uint64_t> m;
+  if (!vm_.empty()) m = host_.Stats();
+  m["control_requests_refused"] = refused_;
+  return m;
 }
 
 }  // namespace aggvm::agent::control

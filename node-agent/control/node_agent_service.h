@@ -3,6 +3,7 @@
 // headers (agent_control.h wraps it).
 #pragma once
 
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -26,6 +27,12 @@ class NodeAgentService final : public v1::NodeAgent::Service {
   grpc::Status PauseVm(grpc::ServerContext*, const v1::AgentVmRef*, v1::AgentVmState*) override;
   grpc::Status StopVm(grpc::ServerContext*, const v1::AgentVmRef*, v1::AgentVmState*) override;
   grpc::Status GetStats(grpc::ServerContext*, const v1::GetStatsRequest*, v1::Stats*) override;
+  /// This node's CLOCK_MONOTONIC and TSC, read while answering (lab clock-offset probes).
+  grpc::Status GetClock(grpc::ServerContext*, const v1::GetClockRequest*, v1::ClockReading*) override;
+
+  /// What GetStats returns for the held VM (empty when none), plus control_requests_refused: for the metrics
+  /// endpoint, read at scrape time.
+  std::map<std::string, uint64_t> Counters();
 
   /// Stops and releases the VM this agent holds, if any (the agent is shutting down).
   void StopHeldVm();
