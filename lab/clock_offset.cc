@@ -95,4 +95,40 @@ uint64_t ClockModel::ToLocal(uint64_t remote_ns) const {
   return static_cast<uint64_t>(std::llround(local));
 }
 
+void CausalBounds::SentToReference(uint64_t node_send, uint64_t reference_recv) {
+  if (node_send == 0 || reference_recv == 0) return;
+  upper_ = std::min(upper_, static_cast<double>(reference_recv) - static_cast<double>(node_send));
+  ++constraints_;
+}
+
+void CausalBounds::ReceivedFromReference(uint64_t reference_send, uint64_t node_recv) {
+  if (reference_send == 0 || node_recv == 0) return;
+  lower_ = std::max(lower_, static_cast<double>(reference_send) - static_cast<double>(node_recv));
+  ++constraints_;
+}
+
+CausalFit CausalBounds::Fit(double uncertainty_ns) const {
+  CausalFit f;
+  f.lower_ns = lower_;
+  f.upper_ns = upper_;
+  f.constraints = constraints_;
+  if (lower_ > upper_) {
+    f.consistent = false;
+    f.within_uncertainty = false;
+    return f;
+  }
+  const double u = std::max(0.0, uncertainty_ns);
+  const double wanted = std::clamp(0.0, lower_, upper_);  // the smallest move that satisfies every constraint
+  f.within_uncertainty = std::abs(wanted) <= u;
+  f.correction_ns = std::clamp(wanted, -u, u);
+  return f;
+}
+
+uint64_t ApplyCorrection(uint64_t mapped_ns, double correction_ns) {
+  if (mapped_ns == 0) return 0;
+  const double v = static_cast<double>(mapped_ns) + correction_ns;
+  if (!(v >= 1)) return 1;
+  return static_cast<uint64_t>(std::llround(v));
+}
+
 }  // namespace aggvm::lab

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <span>
 
 #include "absl/status/statusor.h"
@@ -68,5 +69,40 @@ class ClockModel {
   double drift_ = 0;  // d(offset)/d(local time)
   double u0_ = 0, u1_ = 0;
 };
+
+/// Causality refines a node's mapping onto the reference clock. A message the node sent at s (its stamp, already
+/// mapped to the reference clock) and the reference received at r cannot arrive before it left: r >= s + c, where c
+/// is the correction to add to the node's mapped stamps; a message the reference sent at s and the node received at
+/// r (mapped) gives s <= r + c. Every traced interrupt adds such pairs, so they bound c from the data themselves
+/// (the adjustment distributed tracers make for spans that "start before their parent").
+///
+/// Fit() picks the correction closest to 0 inside those bounds, but never beyond the node's offset uncertainty: the
+/// probes proved the true offset lies within it, so a larger violation is not a clock error and stays visible
+/// (HopBreakdown counts it as a clock anomaly).
+struct CausalFit {
+  double correction_ns = 0;  // add to the node's mapped stamps
+  double lower_ns = 0, upper_ns = 0;  // the causal interval for the correction (±infinity when unconstrained)
+  bool consistent = true;             // lower <= upper (false: the stamps contradict each other; no correction)
+  bool within_uncertainty = true;     // the causal interval reaches into [-uncertainty, +uncertainty]
+  size_t constraints = 0;
+};
+
+class CausalBounds {
+ public:
+  /// The node sent at `node_send` (mapped), the reference received at `reference_recv`. Zero stamps are ignored.
+  void SentToReference(uint64_t node_send, uint64_t reference_recv);
+  /// The reference sent at `reference_send`, the node received at `node_recv` (mapped). Zero stamps are ignored.
+  void ReceivedFromReference(uint64_t reference_send, uint64_t node_recv);
+  /// `uncertainty_ns` < 0 is treated as 0.
+  CausalFit Fit(double uncertainty_ns) const;
+
+ private:
+  double lower_ = -std::numeric_limits<double>::infinity();
+  double upper_ = std::numeric_limits<double>::infinity();
+  size_t constraints_ = 0;
+};
+
+/// Adds `correction_ns` to a mapped stamp (0 stays 0 = "not recorded"; never wraps below 1).
+uint64_t ApplyCorrection(uint64_t mapped_ns, double correction_ns);
 
 }  // namespace aggvm::lab

@@ -124,5 +124,66 @@ TEST(ClockOffset, ModelFromOneEstimateIsConstantAndSameTimeIsRefused) {
   EXPECT_EQ(ClockModel::FromStartEnd(e, e).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+
+TEST(CausalFit, NoConstraintsMeansNoCorrection) {
+  const CausalFit f = CausalBounds().Fit(50'000);
+  EXPECT_EQ(f.correction_ns, 0);
+  EXPECT_TRUE(f.consistent);
+  EXPECT_TRUE(f.within_uncertainty);
+  EXPECT_EQ(f.constraints, 0u);
+}
+
+TEST(CausalFit, StampsThatAlreadyRespectCausalityAreLeftAlone) {
+  CausalBounds b;
+  b.SentToReference(1'000, 1'040);       // sent by the node, received 40 ns later at the reference
+  b.ReceivedFromReference(2'000, 2'030);  // sent by the reference, received 30 ns later at the node
+  const CausalFit f = b.Fit(100);
+  EXPECT_EQ(f.correction_ns, 0);
+  EXPECT_EQ(f.lower_ns, -30);
+  EXPECT_EQ(f.upper_ns, 40);
+  EXPECT_EQ(f.constraints, 2u);
+}
+
+TEST(CausalFit, AnEstimateThatPutsAReceiveBeforeItsSendIsMovedJustEnough) {
+  // The offset estimate is 25 ns off: the node's stamps read 25 ns late, so a message to the reference seems to
+  // arrive 5 ns before it left. The smallest correction within the uncertainty is -5.
+  CausalBounds b;
+  b.SentToReference(1'025, 1'020);
+  b.SentToReference(5'025, 5'060);
+  b.ReceivedFromReference(3'000, 3'030);
+  const CausalFit f = b.Fit(30);
+  EXPECT_TRUE(f.consistent);
+  EXPECT_TRUE(f.within_uncertainty);
+  EXPECT_EQ(f.correction_ns, -5);
+  EXPECT_EQ(ApplyCorrection(1'025, f.correction_ns), 1'020u);
+  EXPECT_EQ(ApplyCorrection(0, f.correction_ns), 0u) << "0 means not recorded and stays so";
+}
+
+TEST(CausalFit, NeverMovesBeyondTheUncertaintyTheProbesProved) {
+  CausalBounds b;
+  b.ReceivedFromReference(10'000, 9'000);  // received 1000 ns before it was sent: needs +1000
+  const CausalFit f = b.Fit(200);
+  EXPECT_TRUE(f.consistent);
+  EXPECT_FALSE(f.within_uncertainty);
+  EXPECT_EQ(f.correction_ns, 200) << "moved as far as the hard bound allows; the rest stays a visible anomaly";
+}
+
+TEST(CausalFit, ContradictoryStampsAreReportedAndNotCorrected) {
+  CausalBounds b;
+  b.SentToReference(1'000, 900);          // needs c <= -100
+  b.ReceivedFromReference(2'000, 1'900);  // needs c >= +100
+  const CausalFit f = b.Fit(1'000);
+  EXPECT_FALSE(f.consistent);
+  EXPECT_EQ(f.correction_ns, 0);
+}
+
+TEST(CausalFit, ZeroStampsAddNoConstraint) {
+  CausalBounds b;
+  b.SentToReference(0, 10);
+  b.ReceivedFromReference(10, 0);
+  EXPECT_EQ(b.Fit(5).constraints, 0u);
+  EXPECT_EQ(ApplyCorrection(3, -10), 1u) << "a correction never wraps a stamp below 1";
+}
+
 }  // namespace
 }  // namespace aggvm::lab
