@@ -612,6 +612,7 @@ grpc::Status MasterService::RingDoorbell(grpc::ServerContext*, const v1::RingDoo
                  "asserted: an edge doorbell is one rising edge; deassert only applies to --level");
   }
   resp->set_node_id(node->id.value());
+  resp->set_sent_ns(MonotonicNanos());
   const absl::Status st =
       dp->controller()->Ring(node->id, Gsi(req->gsi()),
                              req->level() ? irqchip::TriggerMode::kLevel : irqchip::TriggerMode::kEdge,

@@ -17,10 +17,12 @@
 #include <fmt/ranges.h>
 
 #include "irqchip/destination.h"
+#include "lab/trace_record.h"
 #include "node-agent/injector_vm_port.h"
 #include "node-agent/io_forwarder.h"
 #include "node-agent/local_controller.h"
 #include "node-agent/probe_vm.h"
+#include "node-agent/trace_reporter.h"
 #include "transport/rdma/rdma_transport.h"
 #include "transport/rdma/tcp_bootstrap.h"
 #include "transport/tcp_transport.h"
@@ -250,6 +252,7 @@ struct ClusterVmHost::Runtime {
   std::unique_ptr<transport::Transport> transport;
   std::unique_ptr<ProbeVm> vm;
   std::unique_ptr<ClusterVmPort> port;
+  std::unique_ptr<TraceReporter> traces;        // what lc's on_trace feeds; outlives lc (reset after it)
   std::unique_ptr<LocalController> lc;
   std::unique_ptr<IoForwarder> io;
   LocalController* lc_raw = nullptr;            // what the forwarders read (set once lc exists, before any start)
@@ -285,6 +288,7 @@ struct ClusterVmHost::Runtime {
     io.reset();
     proxies.reset();
     lc.reset();
+    traces.reset();  // reports what is still queued
     port.reset();
     vm.reset();
     transport.reset();
@@ -409,7 +413,7 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   r->peers = peers;
   // The callbacks run on vCPU threads, which start only in Start(): by then lc and io exist.
   c.on_record = [r](VcpuIndex v, const Record& rec) {
-    r->output->Record(r->vm_name, v, rec.type, rec.a, rec.b, rec.c);
+    r->output->Record(r->vm_name, v, rec.type, rec.a, rec.b, rec.c, 0);
   };
   c.on_console_line = [r](VcpuIndex v, std::string_view line) { r->output->ConsoleLine(r->vm_name, v, line); };
   c.on_ioapic_eoi = [r](VcpuIndex v, Vector vector) { r->lc->OnGuestEoi(v, vector); };
@@ -476,16 +480,16 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   for (uint32_t n : vcpu_node) lcc.vcpu_node.push_back(NodeId(n));
   lcc.direct_ipis = spec.route_mode() == v1::ROUTE_MODE_DIRECT;
   lcc.trace_ipis = options_.trace_ipis;
-  // Traced frames injected here: their trace block goes to the VM's watchers as a kTraceRecordType record.
-  lcc.on_trace = [r, v = plan.local_vcpus.empty() ? VcpuIndex(0) : plan.local_vcpus.front()](
-                     const transport::TraceBlock& t) {
-    auto since_raised = [&t](uint64_t stamp) -> uint64_t {
-      return stamp == 0 || stamp < t.raised ? 0xFFFFFFFFu : std::min<uint64_t>(stamp - t.raised, 0xFFFFFFFFu);
-    };
-    r->output->Record(r->vm_name, v, kTraceRecordType, t.raised,
-                      since_raised(t.master_received) | since_raised(t.master_decided) << 32,
-                      since_raised(t.target_received) | since_raised(t.injected) << 32);
-  };
+  // Traced frames injected here: their trace block goes to the VM's watchers as a kTraceRecordType record, reported
+  // by the TraceReporter's thread a period later (node-agent/trace_reporter.h), not by the injecting thread.
+  auto traces = TraceReporter::Start([r, v = plan.local_vcpus.empty() ? VcpuIndex(0) : plan.local_vcpus.front()](
+                                         const transport::TraceBlock& t) {
+    const lab::TraceRecordWords words = lab::EncodeTraceRecord(t);
+    r->output->Record(r->vm_name, v, kTraceRecordType, words.a, words.b, words.c, words.d);
+  });
+  if (!traces.ok()) return traces.status();
+  r->traces = *std::move(traces);
+  lcc.on_trace = [t = r->traces.get()](const transport::TraceBlock& block) { t->Push(block); };
   auto lc = LocalController::Create(std::move(lcc), r->transport.get(), r->port.get());
   if (!lc.ok()) return lc.status();
   r->lc = *std::move(lc);
@@ -693,6 +697,9 @@ std::map<std::string, uint64_t> ClusterVmHost::Stats() {
       {"delivered_nmi", c.delivered_nmi},     {"delivered_init", c.delivered_init},
       {"delivered_sipi", c.delivered_sipi},   {"priorities_sent", c.priorities_sent}};
   for (auto [k, v] : lc_counters) m[fmt::format("local_controller.{}", k)] = v;
+  m["trace_reporter.pushed"] = r.traces->pushed();
+  m["trace_reporter.dropped"] = r.traces->dropped();
+  m["trace_reporter.flushed"] = r.traces->flushed();
   const IoForwarderCounters f = r.io->counters();
   const std::pair<const char*, uint64_t> io_counters[] = {
       {"requests", f.requests}, {"responses", f.responses}, {"no_device", f.no_device},

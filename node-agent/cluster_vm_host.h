@@ -54,10 +54,9 @@ class ProbeVm;
 class LocalController;
 
 /// The GuestOutput::Record type of a traced interrupt injected on this node (not a guest record: guest/abi.h types
-/// are < 0x100). The frame's trace block (transport/frame.h), every stamp CLOCK_MONOTONIC ns of this machine:
-///   a = raised (on the node that raised it), b = master_received - raised | (master_decided - raised) << 32,
-///   c = target_received - raised | (injected - raised) << 32; a hop that was not stamped reads 0xFFFFFFFF.
-/// Reported for the node's first vCPU. Used by bench/cluster to split the cross-node latency per hop.
+/// are < 0x100). The words are the frame's trace block as lab/trace_record.h packs it (a = raised, b/c/d = u32 ns
+/// differences from it; 0xFFFFFFFF = not stamped). Reported for the node's first vCPU. Used by bench/cluster and the
+/// latency lab to split the cross-node latency per hop.
 inline constexpr uint32_t kTraceRecordType = 0x100;
 
 struct ClusterVmHostOptions {

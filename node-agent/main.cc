@@ -108,8 +108,8 @@ int RunCluster(const ClusterFlags& f) {
   copt.register_deadline = absl::Seconds(f.register_timeout_s);
   copt.log = [](const std::string& line) { spdlog::info("{}", line); };
   if (metrics) {
-    copt.record_tap = [m = metrics.get()](uint32_t type, uint64_t a, uint64_t b, uint64_t c) {
-      m->OnRecord(type, a, b, c);
+    copt.record_tap = [m = metrics.get()](uint32_t type, uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
+      m->OnRecord(type, a, b, c, d);
     };
   }
   auto agent = aggvm::agent::control::AgentControlPlane::Start(copt, **host);

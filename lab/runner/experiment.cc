@@ -13,7 +13,8 @@ absl::Status Invalid(const std::string& field, const std::string& why) {
   return absl::InvalidArgumentError(fmt::format("experiment: field '{}' {}", field, why));
 }
 
-const std::set<std::string> kWorkloads = {"doorbell", "storm", "ipi-pingpong"};
+const std::set<std::string> kWorkloads = {"doorbell", "storm", "ipi-pingpong", "ipi-broadcast"};
+const std::set<std::string> kBroadcastDests = {"all-excluding-self", "all-including-self", "physical-broadcast"};
 const std::set<std::string> kTransports = {"tcp-busy-poll", "tcp-epoll", "rdma"};
 const std::set<std::string> kIrqchips = {"kernel", "user"};
 const std::set<std::string> kRouteModes = {"via-master", "direct"};
@@ -84,7 +85,7 @@ std::map<std::string, std::string> Configuration::Labels() const {
 absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
   if (!j.is_object()) return Invalid("(top)", "must be an object");
   if (auto s = OnlyKeys(j, "", {"name", "workload", "samples", "warmup", "max_seconds", "storm", "trace_cost",
-                                "nodes", "clock_samples", "matrix"});
+                                "trace_cost_control", "broadcast_dest", "nodes", "clock_samples", "matrix"});
       !s.ok()) {
     return s;
   }
@@ -109,6 +110,16 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
     if (!t->is_boolean()) return Invalid("trace_cost", "must be true or false");
     e.trace_cost = t->get<bool>();
   }
+  if (auto t = j.find("trace_cost_control"); t != j.end()) {
+    if (!t->is_boolean()) return Invalid("trace_cost_control", "must be true or false");
+    e.trace_cost_control = t->get<bool>();
+  }
+  if (auto b = j.find("broadcast_dest"); b != j.end()) {
+    if (!b->is_string() || !kBroadcastDests.contains(b->get<std::string>())) {
+      return Invalid("broadcast_dest", fmt::format("is {}; allowed: {}", b->dump(), Join(kBroadcastDests)));
+    }
+    e.broadcast_dest = b->get<std::string>();
+  }
   if (auto st = j.find("storm"); st != j.end()) {
     if (!st->is_object()) return Invalid("storm", "must be an object");
     if (auto s = OnlyKeys(*st, "storm.", {"rate_hz", "seconds"}); !s.ok()) return s;
@@ -127,6 +138,7 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
     }
   }
   if (e.trace_cost && e.workload != "doorbell") return Invalid("trace_cost", "needs workload \"doorbell\"");
+  if (e.trace_cost_control && !e.trace_cost) return Invalid("trace_cost_control", "needs \"trace_cost\": true");
   return e;
 }
 
@@ -144,6 +156,8 @@ nlohmann::json Experiment::ToJson() const {
           {"max_seconds", max_seconds},
           {"storm", {{"rate_hz", storm_rate_hz}, {"seconds", storm_seconds}}},
           {"trace_cost", trace_cost},
+          {"trace_cost_control", trace_cost_control},
+          {"broadcast_dest", broadcast_dest},
           {"nodes", nodes},
           {"clock_samples", clock_samples},
           {"matrix",

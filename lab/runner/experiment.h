@@ -2,11 +2,14 @@
 //
 //   {
 //     "name": "doorbell-matrix",
-//     "workload": "doorbell",            // doorbell | storm | ipi-pingpong
+//     "workload": "doorbell",            // doorbell | storm | ipi-pingpong | ipi-broadcast
 //     "samples": 500, "warmup": 50,       // doorbell: measured rings (one in flight); ipi-pingpong: rounds
 //     "max_seconds": 60,                  // bound per configuration
 //     "storm": {"rate_hz": 2000, "seconds": 2},   // storm: rings paced at rate_hz without waiting
 //     "trace_cost": false,                // doorbell: alternate traced and untraced rings, compare their p50
+//     "trace_cost_control": false,        // with trace_cost: keep the two groups but trace neither (A/A control)
+//     "broadcast_dest": "all-excluding-self",  // ipi-broadcast: all-excluding-self | all-including-self |
+//                                              // physical-broadcast
 //     "nodes": 2,                         // local cluster: agents (node-a raises; the target is on the last node)
 //     "clock_samples": 16,                // GetClock round trips per node for each offset estimate
 //     "matrix": {
@@ -55,6 +58,8 @@ struct Experiment {
   double storm_rate_hz = 1000;
   double storm_seconds = 2;
   bool trace_cost = false;
+  bool trace_cost_control = false;
+  std::string broadcast_dest = "all-excluding-self";
   uint32_t nodes = 2;
   uint32_t clock_samples = 16;
   std::vector<std::string> transports = {"tcp-busy-poll"};

@@ -9,7 +9,9 @@
 //                 both are timed from the RPC to the handler (the only clock an untraced ring has).
 //   storm         traced rings paced at storm.rate_hz for storm.seconds without waiting; the trace records' hops.
 //   ipi-pingpong  the probe guest's ping (vCPU 0, first node) / pong (vCPU 1, second node) rounds; the round trip in
-//                 end_to_end. Needs cross-node IPIs (marker /tmp/aggvm-coord/cluster-ipi): skipped without them.
+//                 end_to_end.
+//   ipi-broadcast vCPU 0 (first node) sends one IPI to broadcast_dest (all-excluding-self by default: every other
+//                 node) and waits for every recipient's answer; the round (IPI sent -> last answer) in end_to_end.
 //
 // Clocks: Lab.ProbeClocks at the start and the end of each configuration gives each node's offset and uncertainty
 // against the master (RTT/2) and a (TSC, CLOCK_MONOTONIC) pair per node; remote stamps go through a ClockModel,
@@ -35,8 +37,6 @@ struct RunOptions {
   std::string cluster;         // what ExperimentResult::cluster records
   /// One line per configuration and notable event. May be empty.
   std::function<void(const std::string&)> progress;
-  /// Where cross-node IPI availability is announced (see the ipi-pingpong workload).
-  std::string ipi_marker = "/tmp/aggvm-coord/cluster-ipi";
 };
 
 /// Runs every configuration. Fails only when the cluster cannot be used at all (master unreachable, fewer UP nodes

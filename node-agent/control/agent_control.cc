@@ -11,19 +11,20 @@ namespace {
 // Forwards guest output to the master, showing records to the tap first.
 class TappedOutput final : public GuestOutput {
  public:
-  TappedOutput(GuestOutput& next, std::function<void(uint32_t, uint64_t, uint64_t, uint64_t)> tap)
+  TappedOutput(GuestOutput& next, std::function<void(uint32_t, uint64_t, uint64_t, uint64_t, uint64_t)> tap)
       : next_(next), tap_(std::move(tap)) {}
   void ConsoleLine(const std::string& vm, VcpuIndex vcpu, std::string_view text) override {
     next_.ConsoleLine(vm, vcpu, text);
   }
-  void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c) override {
-    if (tap_) tap_(type, a, b, c);
-    next_.Record(vm, vcpu, type, a, b, c);
+  void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c,
+              uint64_t d) override {
+    if (tap_) tap_(type, a, b, c, d);
+    next_.Record(vm, vcpu, type, a, b, c, d);
   }
 
  private:
   GuestOutput& next_;
-  std::function<void(uint32_t, uint64_t, uint64_t, uint64_t)> tap_;
+  std::function<void(uint32_t, uint64_t, uint64_t, uint64_t, uint64_t)> tap_;
 };
 
 }  // namespace

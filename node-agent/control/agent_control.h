@@ -27,7 +27,7 @@ struct AgentControlOptions {
   std::function<void(const std::string&)> log;      // notable events, one line each; may be empty
   /// Sees every guest/host record the VM reports (type, a, b, c) before it is queued for the master, on the
   /// reporting thread: must be cheap and must not block (the metrics endpoint's trace-record histograms). May be empty.
-  std::function<void(uint32_t, uint64_t, uint64_t, uint64_t)> record_tap;
+  std::function<void(uint32_t, uint64_t, uint64_t, uint64_t, uint64_t)> record_tap;
 };
 
 class AgentControlPlane {

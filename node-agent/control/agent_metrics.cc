@@ -12,10 +12,10 @@ using lab::ScrapedSample;
 
 constexpr std::string_view kDroppedPrefix = "local_controller.dropped_";
 
-// The hops a trace record carries, in the order of AgentMetrics::hops_ (no local_controller stamp in records).
-constexpr std::array<std::string_view, 5> kRecordHopNames = {"raised->master_received", "master_received->decided",
-                                                             "decided->target_received", "target_received->injected",
-                                                             "raised->injected"};
+// The hops a trace record carries, in the order of AgentMetrics::hops_; the last is end to end.
+constexpr std::array<std::string_view, 6> kRecordHopNames = {
+    "raised->local_controller", "local_controller->master_received", "master_received->decided",
+    "decided->target_received", "target_received->injected",         "raised->injected"};
 
 }  // namespace
 
@@ -89,15 +89,19 @@ absl::StatusOr<std::unique_ptr<AgentMetrics>> AgentMetrics::Start(const std::str
 
 AgentMetrics::~AgentMetrics() { endpoint_.reset(); }
 
-void AgentMetrics::OnRecord(uint32_t type, uint64_t a, uint64_t b, uint64_t c) {
+void AgentMetrics::OnRecord(uint32_t type, uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
   if (type != lab::kTraceRecordType) return;
-  const transport::TraceBlock t = lab::DecodeTraceRecord(a, b, c);
+  const transport::TraceBlock t = lab::DecodeTraceRecord(a, b, c, d);
   traced_->Increment();
-  const uint64_t stamps[] = {t.raised, t.master_received, t.master_decided, t.target_received, t.injected};
+  const uint64_t stamps[] = {t.raised,         t.local_controller, t.master_received,
+                             t.master_decided, t.target_received,  t.injected};
+  static_assert(std::size(stamps) == kRecordHopNames.size());
   for (size_t i = 0; i + 1 < std::size(stamps); ++i) {
-    if (stamps[i] != 0 && stamps[i + 1] >= stamps[i]) hops_[i].ObserveNanos(stamps[i + 1] - stamps[i]);
+    if (stamps[i] != 0 && stamps[i + 1] != 0 && stamps[i + 1] >= stamps[i]) {
+      hops_[i].ObserveNanos(stamps[i + 1] - stamps[i]);
+    }
   }
-  if (t.raised != 0 && t.injected >= t.raised) hops_[4].ObserveNanos(t.injected - t.raised);
+  if (t.raised != 0 && t.injected >= t.raised) hops_[kRecordHopNames.size() - 1].ObserveNanos(t.injected - t.raised);
 }
 
 uint16_t AgentMetrics::port() const { return endpoint_->port(); }

@@ -33,15 +33,15 @@ class AgentMetrics {
 
   /// A record the VM reported (AgentControlOptions::record_tap): trace records go into the hop histograms, others
   /// are ignored. Any thread; no allocation.
-  void OnRecord(uint32_t type, uint64_t a, uint64_t b, uint64_t c);
+  void OnRecord(uint32_t type, uint64_t a, uint64_t b, uint64_t c, uint64_t d);
   [[nodiscard]] uint16_t port() const;
 
  private:
   AgentMetrics() = default;
   std::unique_ptr<lab::MetricsRegistry> registry_;
   std::unique_ptr<lab::MetricsEndpoint> endpoint_;
-  // raised->master_received, master_received->decided, decided->target_received, target_received->injected,
-  // raised->injected (end to end as far as the host sees it).
+  // raised->local_controller, local_controller->master_received, master_received->decided,
+  // decided->target_received, target_received->injected, raised->injected (end to end as far as the host sees it).
   std::vector<lab::LatencyHistogramHandle> hops_;
   std::unique_ptr<lab::CounterHandle> traced_;
 };

@@ -221,7 +221,8 @@ void MasterClient::ConsoleLine(const std::string& vm, VcpuIndex vcpu, std::strin
   Enqueue(std::move(e));
 }
 
-void MasterClient::Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c) {
+void MasterClient::Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c,
+                          uint64_t d) {
   v1::Event e;
   auto* r = e.mutable_record();
   r->set_vm(vm);
@@ -231,6 +232,7 @@ void MasterClient::Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, 
   r->set_a(a);
   r->set_b(b);
   r->set_c(c);
+  r->set_d(d);
   Enqueue(std::move(e));
 }
 

@@ -57,7 +57,8 @@ class MasterClient final : public GuestOutput {
 
   // GuestOutput: queued for the output thread (dropped and counted when the queue is full or the master is away).
   void ConsoleLine(const std::string& vm, VcpuIndex vcpu, std::string_view text) override;
-  void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c) override;
+  void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c,
+              uint64_t d) override;
 
  private:
   struct Impl;

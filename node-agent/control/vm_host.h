@@ -34,7 +34,8 @@ class GuestOutput {
  public:
   virtual ~GuestOutput() = default;
   virtual void ConsoleLine(const std::string& vm, VcpuIndex vcpu, std::string_view text) = 0;
-  virtual void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c) = 0;
+  virtual void Record(const std::string& vm, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c,
+                      uint64_t d) = 0;
 };
 
 class VmHost {

@@ -59,7 +59,7 @@ class RecordingOutput final : public agent::control::GuestOutput {
     std::lock_guard l(mu_);
     lines_.push_back(fmt::format("{}: {}", vcpu.value(), text));
   }
-  void Record(const std::string&, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t, uint64_t) override {
+  void Record(const std::string&, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t, uint64_t, uint64_t) override {
     std::lock_guard l(mu_);
     records_.push_back({vcpu.value(), type, a});
   }

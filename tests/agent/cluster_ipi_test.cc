@@ -59,7 +59,8 @@ struct GuestRecord {
 class RecordingOutput final : public agent::control::GuestOutput {
  public:
   void ConsoleLine(const std::string&, VcpuIndex, std::string_view) override {}
-  void Record(const std::string&, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c) override {
+  void Record(const std::string&, VcpuIndex vcpu, uint32_t type, uint64_t a, uint64_t b, uint64_t c,
+              uint64_t) override {
     std::lock_guard l(mu_);
     records_.push_back({vcpu.value(), type, a, b, c});
   }

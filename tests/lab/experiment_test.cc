@@ -13,6 +13,7 @@ TEST(Experiment, DefaultsAndMatrixExpansion) {
   ASSERT_TRUE(e.ok()) << e.status();
   EXPECT_EQ(e->workload, "doorbell");
   EXPECT_EQ(e->samples, 200u);
+  EXPECT_EQ(e->broadcast_dest, "all-excluding-self");
   const auto configs = e->Expand();
   ASSERT_EQ(configs.size(), 4u);
   EXPECT_EQ(configs[0].transport, "tcp-epoll");
@@ -47,6 +48,9 @@ TEST(Experiment, RefusalsNameTheField) {
       {R"({"name": "x", "storm": {"rate_hz": 0}})", "'storm.rate_hz'"},
       {R"({"name": "x", "workload": "storm", "trace_cost": true})", "'trace_cost'"},
       {R"({"name": "x", "nodes": 1})", "'nodes'"},
+      {R"({"name": "x", "workload": "ipi-broadcast", "broadcast_dest": "x2apic-logical"})", "'broadcast_dest'"},
+      {R"({"name": "x", "broadcast_dest": 3})", "'broadcast_dest'"},
+      {R"({"name": "x", "trace_cost_control": true})", "'trace_cost_control'"},
       {R"([1, 2])", "'(top)'"},
   };
   for (const auto& c : cases) {
@@ -56,6 +60,17 @@ TEST(Experiment, RefusalsNameTheField) {
     EXPECT_NE(e.status().message().find(c.field), std::string::npos) << c.text << " -> " << e.status();
   }
   EXPECT_FALSE(Experiment::FromJsonString("{not json").ok());
+}
+
+TEST(Experiment, BroadcastDestinationRoundTrips) {
+  auto e = Experiment::FromJsonString(
+      R"({"name": "b", "workload": "ipi-broadcast", "broadcast_dest": "all-including-self", "nodes": 3})");
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->broadcast_dest, "all-including-self");
+  auto back = Experiment::FromJson(e->ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->broadcast_dest, "all-including-self");
+  EXPECT_EQ(back->Expand().front().workload, "ipi-broadcast");
 }
 
 }  // namespace

@@ -30,25 +30,32 @@ int RunCommand(const std::string& cmd, std::string* output) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+// Writes `json` as DIR/NAME-experiment.json, runs aggvm-bench on it (results into DIR) and parses DIR/NAME.json.
+// `output` gets what aggvm-bench printed (for failure messages).
+absl::StatusOr<ExperimentResult> RunBench(const std::string& dir, const std::string& name, const std::string& json,
+                                          std::string* output) {
+  const std::string path = fmt::format("{}/{}-experiment.json", dir, name);
+  std::ofstream(path) << json;
+  if (const int rc = RunCommand(fmt::format("{} {} --out {}", AGGVM_BENCH_BIN, path, dir), output); rc != 0) {
+    return absl::InternalError(fmt::format("aggvm-bench exited with {}: {}", rc, *output));
+  }
+  auto text = ReadFile(fmt::format("{}/{}.json", dir, name));
+  if (!text.ok()) return text.status();
+  return ExperimentResult::FromJsonString(*text);
+}
+
 TEST(LabBench, TinyExperimentRunsEndToEndAndPlots) {
   AGGVM_REQUIRE_KVM();
   char tmpl[] = "/tmp/aggvm-labbench.XXXXXX";
   ASSERT_NE(::mkdtemp(tmpl), nullptr);
   const std::string dir = tmpl;
-  const std::string exp_path = dir + "/tiny-experiment.json";
-  std::ofstream(exp_path) << R"({
+  std::string out;
+  auto r = RunBench(dir, "tiny", R"({
     // comments are allowed in experiment files
     "name": "tiny", "workload": "doorbell", "samples": 24, "warmup": 4, "max_seconds": 60,
     "trace_cost": true, "clock_samples": 8,
     "matrix": {"transport": ["tcp-epoll", "rdma"], "routing_policy": ["sdm", "round-robin"]}
-  })";
-  std::string out;
-  const int rc = RunCommand(fmt::format("{} {} --out {}", AGGVM_BENCH_BIN, exp_path, dir), &out);
-  ASSERT_EQ(rc, 0) << out;
-
-  auto text = ReadFile(dir + "/tiny.json");
-  ASSERT_TRUE(text.ok()) << text.status();
-  auto r = ExperimentResult::FromJsonString(*text);
+  })", &out);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->name, "tiny");
   EXPECT_EQ(r->software_version, SoftwareVersion());
@@ -117,6 +124,71 @@ TEST(LabBench, TinyExperimentRunsEndToEndAndPlots) {
       EXPECT_NE(bytes->find("<svg"), std::string::npos) << path;
     }
   }
+  if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
+}
+
+// The IPI workloads: rounds come back from the sender's guest records and land in end_to_end, each within what a
+// cross-node round can take; a broadcast over three nodes counts its two recipients.
+TEST(LabBench, IpiWorkloadsMeasureGuestRounds) {
+  AGGVM_REQUIRE_KVM();
+  char tmpl[] = "/tmp/aggvm-labipi.XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  struct Run {
+    const char* name;
+    const char* json;
+    size_t configurations;
+    double recipients;  // 0: not a broadcast
+  };
+  const Run runs[] = {
+      {"pp", R"({"name": "pp", "workload": "ipi-pingpong", "samples": 20, "warmup": 2, "clock_samples": 4})", 1, 0},
+      {"bc", R"({"name": "bc", "workload": "ipi-broadcast", "nodes": 3, "samples": 20, "warmup": 2,
+                 "clock_samples": 4, "matrix": {"irqchip": ["kernel", "user"]}})",
+       2, 2},
+  };
+  for (const auto& run : runs) {
+    SCOPED_TRACE(run.name);
+    std::string out;
+    auto r = RunBench(dir, run.name, run.json, &out);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->configurations.size(), run.configurations);
+    for (const auto& c : r->configurations) {
+      SCOPED_TRACE(c.Label());
+      ASSERT_EQ(c.status, "ok") << out;
+      EXPECT_EQ(c.measurements.at("metric_end_to_end_is_round_trip"), 1);
+      if (run.recipients > 0) {
+        EXPECT_EQ(c.measurements.at("recipients"), run.recipients);
+      }
+      const auto& e2e = c.hops.hop(Hop::kEndToEnd).histogram;
+      EXPECT_EQ(e2e.count(), 20u) << "one sample per measured round (warm-up rounds left out)";
+      EXPECT_GT(e2e.Percentile(50), 1'000u) << "a cross-node round takes more than a microsecond";
+      EXPECT_LT(e2e.Percentile(50), 1'000'000'000u);
+    }
+  }
+  if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
+}
+
+// The A/A control of the tracing-cost comparison: two groups of doorbells, neither traced — no trace record comes
+// back, both groups are timed, and the ratio is near 1 (a loose bound: it only has to catch a group that is traced).
+TEST(LabBench, TraceCostControlTracesNeitherGroup) {
+  AGGVM_REQUIRE_KVM();
+  char tmpl[] = "/tmp/aggvm-labaa.XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  std::string out;
+  auto r = RunBench(dir, "aa", R"({"name": "aa", "workload": "doorbell", "samples": 20, "warmup": 2,
+                                   "clock_samples": 4, "trace_cost": true, "trace_cost_control": true})",
+                    &out);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->configurations.size(), 1u);
+  const auto& c = r->configurations.front();
+  ASSERT_EQ(c.status, "ok") << out;
+  EXPECT_EQ(c.measurements.at("trace_cost_control"), 1);
+  EXPECT_EQ(c.hops.samples(), 0u) << "no ring of an A/A run is traced";
+  EXPECT_EQ(c.measurements.at("trace_on_samples"), 10);
+  EXPECT_EQ(c.measurements.at("trace_off_samples"), 10);
+  EXPECT_GT(c.measurements.at("trace_cost_ratio_p50"), 0.2);
+  EXPECT_LT(c.measurements.at("trace_cost_ratio_p50"), 5.0);
   if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
 }
 

@@ -164,6 +164,10 @@ TEST_F(LabCluster, MetricsMoveWithInterruptsAndTraceStampsAreNonDecreasing) {
                 Sum(b0, "aggvm_hop_latency_seconds_count", {R"(hop="raised->injected")"}),
             kRings);
   EXPECT_GT(Sum(b1, "aggvm_hop_latency_seconds_sum", {R"(hop="raised->injected")"}), 0);
+  EXPECT_GE(Sum(b1, "aggvm_hop_latency_seconds_count", {R"(hop="raised->local_controller")"}) -
+                Sum(b0, "aggvm_hop_latency_seconds_count", {R"(hop="raised->local_controller")"}),
+            kRings)
+      << "the record carries the local controller's stamp (word d)";
   EXPECT_GE(Sum(b1, "aggvm_traced_interrupts_total"), kRings);
 
   // Every trace record: raised (node-a) <= master_received <= master_decided (master) <= target_received <= injected
@@ -172,8 +176,9 @@ TEST_F(LabCluster, MetricsMoveWithInterruptsAndTraceStampsAreNonDecreasing) {
   ASSERT_GE(traces.size(), static_cast<size_t>(kRings));
   for (const auto& r : traces) {
     EXPECT_EQ(r.node(), "node-b");
-    const transport::TraceBlock t = lab::DecodeTraceRecord(r.a(), r.b(), r.c());
-    const uint64_t path[] = {t.raised, t.master_received, t.master_decided, t.target_received, t.injected};
+    const transport::TraceBlock t = lab::DecodeTraceRecord(r.a(), r.b(), r.c(), r.d());
+    const uint64_t path[] = {t.raised,         t.local_controller, t.master_received,
+                             t.master_decided, t.target_received,  t.injected};
     for (size_t i = 0; i < std::size(path); ++i) {
       EXPECT_NE(path[i], 0u) << "stamp " << i << " missing";
       if (i > 0) {
