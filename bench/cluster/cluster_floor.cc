@@ -63,7 +63,7 @@ void RemoveLogs(const BenchCluster& b) {
 }
 
 absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
-                                                int port) {
+                                                int port, absl::Duration pace) {
   using namespace transport;
   const std::string a = fmt::format("{}:{}", cluster.host(from), port);
   const std::string b = fmt::format("{}:{}", cluster.host(to), port + 1);
@@ -114,11 +114,18 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
   std::vector<double> us;
   absl::Status st;
   ReceivedFrame f;
+  const uint64_t pace_ns = static_cast<uint64_t>(absl::ToInt64Nanoseconds(pace));
+  uint64_t last_send = 0;
   for (size_t i = 0; i < n && st.ok(); ++i) {
+    if (pace_ns > 0 && last_send != 0) {  // sleep (not spin): both threads must go idle as in the cluster
+      const uint64_t due = last_send + pace_ns, now = MonotonicNanos();
+      if (due > now) std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+    }
     Frame ping;
     ping.type = FrameType::kControl;
     ping.payload = ControlPayload{.op = ControlPayload::Op::kPing, .arg0 = static_cast<uint32_t>(i), .arg1 = 0};
     const uint64_t t0 = MonotonicNanos();
+    last_send = t0;
     st = send(*ta, NodeId(2), ping);
     if (st.ok()) st = receive(*ta, f);
     if (st.ok()) us.push_back(static_cast<double>(MonotonicNanos() - t0) / 2e3);

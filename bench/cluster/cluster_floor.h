@@ -35,8 +35,11 @@ void RemoveLogs(const BenchCluster& b);
 
 /// TcpTransport round trips / 2 (64-byte control frames, event wait mode) between hosts `from` and `to` of the
 /// launcher's topology (namespaces, or loopback), on ports `port` and `port + 1`. Run it with the daemons stopped.
+/// pace == 0: back to back (each side's thread has just run when the next frame comes); pace > 0: one round trip
+/// every `pace` (from the previous send), so both threads sleep in epoll in between, as the data-plane threads do
+/// between the cluster's samples.
 absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
-                                                int port = 17700);
+                                                int port = 17700, absl::Duration pace = absl::ZeroDuration());
 
 struct LocalMsi {
   std::vector<double> to_handler_us;  // KVM_SIGNAL_MSI (or the user irqchip's MSI) -> guest handler entry
