@@ -240,7 +240,9 @@ void FitAndAdd(std::vector<MappedTrace>& traces, const std::string& raising,
                const std::map<std::string, NodeClockMap>& maps, ConfigurationResult& out) {
   std::map<std::string, CausalBounds> bounds;
   for (const auto& m : traces) {
-    bounds[raising].SentToReference(m.t.raised, m.t.master_received);
+    // The frame left node-a at local_controller (older agents: raised, a looser bound).
+    bounds[raising].SentToReference(m.t.local_controller != 0 ? m.t.local_controller : m.t.raised,
+                                    m.t.master_received);
     bounds[m.target].ReceivedFromReference(m.t.master_decided, m.t.target_received);
   }
   std::map<std::string, double> correction;
