@@ -328,11 +328,18 @@ absl::Status Doorbell(const CtlOptions& opt, const DoorbellOptions& d, std::ostr
   req.set_level(d.level);
   req.set_asserted(!d.deassert);
   req.set_traced(d.traced);
+  req.set_count(d.count);
+  req.set_interval_us(d.interval_us);
   Client c(opt);
   grpc::ClientContext ctx;
   c.Prepare(ctx);
   v1::RingDoorbellResponse resp;
   if (auto st = c.stub().RingDoorbell(&ctx, req, &resp); !st.ok()) return c.Fail(st, "ring doorbell");
+  if (d.count > 0) {
+    fmt::print(out, "node {} (id {}) raises GSI {}: a train of {} edges, one every {} µs\n", d.node, resp.node_id(),
+               d.gsi, d.count, d.interval_us);
+    return absl::OkStatus();
+  }
   fmt::print(out, "rang GSI {} on node {} (id {}): {}\n", d.gsi, d.node, resp.node_id(),
              d.level ? (d.deassert ? "level deasserted" : "level asserted") : "edge");
   return absl::OkStatus();

@@ -39,6 +39,8 @@ struct DoorbellOptions {
   bool level = false;    // level-triggered source (held) instead of one edge
   bool deassert = false; // level: drop the line (default: assert)
   bool traced = false;
+  uint32_t count = 0;       // a train of `count` edges, one every interval_us, timed by the node (0: one ring)
+  uint32_t interval_us = 0;
 };
 /// Rings the master's doorbell device: node `node` raises `gsi`.
 absl::Status Doorbell(const CtlOptions& opt, const DoorbellOptions& d, std::ostream& out);

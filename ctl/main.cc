@@ -56,6 +56,10 @@ int main(int argc, char** argv) {
   doorbell->add_flag("--assert", assert_flag, "level: raise the line (the default)");
   doorbell->add_flag("--deassert", deassert_flag, "level: drop the line");
   doorbell->add_flag("--traced", bell.traced, "fill the frames' trace block");
+  doorbell->add_option("--count", bell.count,
+                       "a train of N edges raised by the node on its own clock (with --interval-us); a new train "
+                       "replaces a running one");
+  doorbell->add_option("--interval-us", bell.interval_us, "the train's spacing, 10..1000000 µs");
   auto* console = app.add_subcommand("console", "print the VM's guest console lines as they arrive");
   console->add_option("NAME", name)->required();
   console->add_flag("--follow,-f", follow_flag, "keep following (the default; kept for familiarity)");

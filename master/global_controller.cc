@@ -89,8 +89,9 @@ class GlobalController::BusSink final : public irqchip::InterruptSink {
 class GlobalController::DoorbellPort final : public DoorbellTarget {
  public:
   explicit DoorbellPort(GlobalController* c) : c_(c) {}
-  absl::Status RaiseOnNode(NodeId node, Gsi gsi, TriggerMode trigger, bool asserted, bool traced) override {
-    return c_->RaiseOnNode(node, gsi, trigger, asserted, traced);
+  absl::Status RaiseOnNode(NodeId node, Gsi gsi, TriggerMode trigger, bool asserted, bool traced,
+                           RingTrain train) override {
+    return c_->RaiseOnNode(node, gsi, trigger, asserted, traced, train);
   }
 
  private:
@@ -212,6 +213,9 @@ absl::Status GlobalController::Execute(std::function<absl::Status()> fn, absl::D
     commands_.push_back(Command{std::move(fn), state});
     has_commands_.store(true, std::memory_order_release);
   }
+  // Event mode: the data-plane thread may be asleep in Wait for up to idle_wait (1 ms); without this every operator
+  // command (a doorbell ring, a policy switch) waited for that timeout — ~0.6 ms of each RingDoorbell RPC.
+  transport_->Wake();
   std::unique_lock<std::mutex> l(state->mu);
   if (!state->cv.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return state->done; })) {
     return absl::DeadlineExceededError(
@@ -239,9 +243,9 @@ void GlobalController::RunCommands() {
 }
 
 absl::Status GlobalController::Ring(NodeId node, Gsi gsi, TriggerMode trigger, bool asserted, bool traced,
-                                    absl::Duration timeout) {
-  return Execute([this, node, gsi, trigger, asserted, traced] {
-    return doorbell_->Ring(node, gsi, trigger, asserted, traced);
+                                    absl::Duration timeout, RingTrain train) {
+  return Execute([this, node, gsi, trigger, asserted, traced, train] {
+    return doorbell_->Ring(node, gsi, trigger, asserted, traced, train);
   }, timeout);
 }
 
@@ -474,7 +478,15 @@ void GlobalController::HandleInterrupt(NodeId from, const InterruptPayload& p, T
   counters_.gsi_changes.Add();
   pin_source_[pin] = from;
   ctx_ = Context{from, trace};
-  ioapic_->SetPinLevel(pin, p.level != 0);  // may call BusSink::SendMessage -> RouteAndDeliver
+  if (p.level == InterruptPayload::kLevelEdge) {
+    // One rising edge (82093AA 3.2.4: an edge-triggered pin fires on the rising edge; a level-triggered pin sees a
+    // short pulse, delivered once as a level interrupt).
+    ioapic_->SetPinLevel(pin, true);  // may call BusSink::SendMessage -> RouteAndDeliver
+    ctx_.trace = nullptr;
+    ioapic_->SetPinLevel(pin, false);
+  } else {
+    ioapic_->SetPinLevel(pin, p.level != 0);
+  }
   ctx_ = {};
 }
 
@@ -651,7 +663,8 @@ void GlobalController::SendOrCount(NodeId to, Frame& f) {
   if (s.code() == absl::StatusCode::kUnavailable) NodeLost(to, s);
 }
 
-absl::Status GlobalController::RaiseOnNode(NodeId node, Gsi gsi, TriggerMode trigger, bool asserted, bool traced) {
+absl::Status GlobalController::RaiseOnNode(NodeId node, Gsi gsi, TriggerMode trigger, bool asserted, bool traced,
+                                           RingTrain train) {
   const int idx = NodeIndex(node);
   if (idx < 0) {
     return absl::InvalidArgumentError(fmt::format("doorbell: node {} is not a node of this VM", node));
@@ -665,7 +678,8 @@ absl::Status GlobalController::RaiseOnNode(NodeId node, Gsi gsi, TriggerMode tri
   c.op = ControlPayload::Op::kRaiseGsi;
   c.arg0 = gsi.value();
   c.arg1 = (trigger == TriggerMode::kLevel ? ControlPayload::kRaiseLevel : 0) |
-           (asserted ? ControlPayload::kRaiseAssert : 0) | (traced ? ControlPayload::kRaiseTraced : 0);
+           (asserted ? ControlPayload::kRaiseAssert : 0) | (traced ? ControlPayload::kRaiseTraced : 0) |
+           ControlPayload::TrainBits(train.count, train.interval_us);
   f.payload = c;
   const absl::Status s = transport_->Send(node, f);
   if (!s.ok()) {

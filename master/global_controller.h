@@ -86,8 +86,8 @@ struct GlobalControllerConfig {
   uint64_t ioapic_mmio_base = 0xFEC00000;
   uint16_t console_base = ConsoleUart::kCom1Base;
   uint16_t doorbell_base = Doorbell::kDefaultBase;
-  /// Run(): kBusyPoll spins on Poll; kEvent sleeps in Wait for at most `idle_wait` (which also bounds how long an
-  /// operator command waits for the data-plane thread).
+  /// Run(): kBusyPoll spins on Poll; kEvent sleeps in Wait for at most `idle_wait`. An operator command wakes the
+  /// sleeping thread (Transport::Wake), so it does not wait for the timeout.
   transport::WaitMode wait_mode = transport::WaitMode::kEvent;
   absl::Duration idle_wait = absl::Milliseconds(1);
   /// Console lines of the VM (data-plane thread). May be empty.
@@ -172,7 +172,7 @@ class GlobalController {
   // --- any thread: executed on the data-plane thread (inline when called there), waited for up to `timeout` ---
   /// Doorbell: has node `node` raise `gsi` (see master/devices/doorbell.h).
   absl::Status Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced = false,
-                    absl::Duration timeout = absl::Seconds(2));
+                    absl::Duration timeout = absl::Seconds(2), RingTrain train = {});
   absl::Status SetRoutingPolicy(irqchip::RoutingPolicy policy, absl::Duration timeout = absl::Seconds(2));
   absl::Status ProgramPin(PinProgram pin, absl::Duration timeout = absl::Seconds(2));
   /// Feeds the Router a vCPU's priority (PPR), as its node reports it.
@@ -218,7 +218,8 @@ class GlobalController {
   /// The message is on the bus: route it and send the deliveries.
   void RouteAndDeliver(const irqchip::InterruptMessage& m, std::optional<Gsi> gsi, NodeId source,
                        transport::TraceBlock* trace, uint32_t ipi_source_vcpu);
-  absl::Status RaiseOnNode(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced);
+  absl::Status RaiseOnNode(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced,
+                           RingTrain train);
   void SendOrCount(NodeId to, transport::Frame& f);
   void NodeLost(NodeId node, const absl::Status& why);
   /// After Poll reported a loss (UNAVAILABLE, which does not name the node as a value): pings every live node; those

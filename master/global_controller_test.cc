@@ -109,11 +109,17 @@ TEST(GlobalController, EdgeGsiIsRoutedToTheOwnerOfThePhysicalDestination) {
   EXPECT_FALSE(NextFrame(f->node(kA), absl::Milliseconds(50)));
   EXPECT_FALSE(NextFrame(f->node(kB), absl::Milliseconds(50)));
   EXPECT_FALSE(NextFrame(f->node(kC), absl::Milliseconds(50)));
+  // The one-frame edge (what RaiseEdge sends): one delivery; and the pin is low again after it.
+  f->Send(kA, testing::GsiEdgeFrame(3));
+  EXPECT_EQ(ExpectDeliver(f->node(kC)).vcpu, VcpuIndex(4));
+  f->Send(kA, testing::GsiEdgeFrame(3));
+  EXPECT_EQ(ExpectDeliver(f->node(kC)).vcpu, VcpuIndex(4)) << "a second edge frame is a second rising edge";
+  EXPECT_FALSE(NextFrame(f->node(kC), absl::Milliseconds(50)));
   const auto c = f->gc->counters();
-  EXPECT_EQ(c.gsi_changes, 4u);
-  EXPECT_EQ(c.raised, 2u);
-  EXPECT_EQ(c.routed, 2u);
-  EXPECT_EQ(c.delivered, 2u);
+  EXPECT_EQ(c.gsi_changes, 6u);
+  EXPECT_EQ(c.raised, 4u);
+  EXPECT_EQ(c.routed, 4u);
+  EXPECT_EQ(c.delivered, 4u);
   EXPECT_EQ(c.level_delivered, 0u);
 }
 

@@ -611,12 +611,16 @@ grpc::Status MasterService::RingDoorbell(grpc::ServerContext*, const v1::RingDoo
     return Error(grpc::StatusCode::INVALID_ARGUMENT,
                  "asserted: an edge doorbell is one rising edge; deassert only applies to --level");
   }
+  if ((req->count() != 0 || req->interval_us() != 0) && req->level()) {
+    return Error(grpc::StatusCode::INVALID_ARGUMENT, "count: a train of rings is edges only (not with level)");
+  }
   resp->set_node_id(node->id.value());
   resp->set_sent_ns(MonotonicNanos());
   const absl::Status st =
       dp->controller()->Ring(node->id, Gsi(req->gsi()),
                              req->level() ? irqchip::TriggerMode::kLevel : irqchip::TriggerMode::kEdge,
-                             req->asserted(), req->traced());
+                             req->asserted(), req->traced(), absl::Seconds(2),
+                             master::RingTrain{.count = req->count(), .interval_us = req->interval_us()});
   if (!st.ok()) {
     return Error(static_cast<grpc::StatusCode>(st.code()),
                  fmt::format("doorbell of VM '{}' on node '{}' (GSI {}): {}", req->vm(), req->node(), req->gsi(),

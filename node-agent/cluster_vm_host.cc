@@ -695,8 +695,10 @@ std::map<std::string, uint64_t> ClusterVmHost::Stats() {
       {"ipis_to_nowhere", c.ipis_to_nowhere}, {"ipis_send_failed", c.ipis_send_failed},
       {"direct_received", c.direct_received}, {"dropped_unknown_peer", c.dropped_unknown_peer},
       {"delivered_nmi", c.delivered_nmi},     {"delivered_init", c.delivered_init},
-      {"delivered_sipi", c.delivered_sipi},   {"priorities_sent", c.priorities_sent}};
+      {"delivered_sipi", c.delivered_sipi},   {"priorities_sent", c.priorities_sent},
+      {"trains", c.trains},                   {"train_raises", c.train_raises}};
   for (auto [k, v] : lc_counters) m[fmt::format("local_controller.{}", k)] = v;
+  m["local_controller.train_late"] = r.lc->train_late();
   m["trace_reporter.pushed"] = r.traces->pushed();
   m["trace_reporter.dropped"] = r.traces->dropped();
   m["trace_reporter.flushed"] = r.traces->flushed();

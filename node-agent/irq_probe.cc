@@ -1,5 +1,7 @@
 #include "node-agent/irq_probe.h"
 
+#include <chrono>
+
 #include <immintrin.h>
 #include <sched.h>
 
@@ -47,10 +49,12 @@ void IrqProbe::OnRecord(VcpuIndex index, const Record& r) {
   last_vcpu_.store(index.value(), std::memory_order_relaxed);
   last_vector_.store(static_cast<uint32_t>(r.a), std::memory_order_relaxed);
   irq_count_.fetch_add(1, std::memory_order_release);
+  { std::lock_guard l(wait_mu_); }  // a sleeping Measure either sees the count or is already waiting
+  wait_cv_.notify_all();
 }
 
 absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex target, Vector vector, size_t samples,
-                                                    MsiPath path, absl::Duration timeout) {
+                                                    MsiPath path, absl::Duration timeout, Waiter waiter) {
   if (vm.tsc_khz() == 0) return absl::FailedPreconditionError("KVM_GET_TSC_KHZ gave no TSC frequency");
   if (vector.value() < 32 || vector.value() == 0xFF) {
     return absl::InvalidArgumentError(fmt::format("vector {} (need 32..254)", vector));
@@ -87,8 +91,14 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
     // Busy-wait: a sleeping waiter would add its own wake-up (~25 µs here) to every sample. Yield while spinning so
     // that on a host with few cores the woken vCPU thread is not left waiting for a scheduler tick behind us.
     while (irq_count_.load(std::memory_order_acquire) == before) {
-      _mm_pause();
-      sched_yield();
+      if (waiter == Waiter::kSleep) {
+        std::unique_lock l(wait_mu_);
+        wait_cv_.wait_for(l, std::chrono::milliseconds(100),
+                          [&] { return irq_count_.load(std::memory_order_acquire) != before; });
+      } else {
+        _mm_pause();
+        sched_yield();
+      }
       if (MonotonicNanos() > deadline) {
         absl::Status err = vm.error();
         if (!err.ok()) return err;

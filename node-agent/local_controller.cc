@@ -140,12 +140,12 @@ absl::Status LocalController::SendToMaster(Frame& frame) {
 // ---------------------------------------------------------------------------------------------------------------
 // Device side.
 
-absl::Status LocalController::SendGsiLevel(Gsi gsi, bool level, bool traced, uint64_t raised_ns) {
+absl::Status LocalController::SendGsiLevel(Gsi gsi, uint8_t level, bool traced, uint64_t raised_ns) {
   Frame f;
   f.type = FrameType::kInterrupt;
   InterruptPayload p;
   p.kind = InterruptPayload::Kind::kGsiLevel;
-  p.level = level ? 1 : 0;
+  p.level = level;
   p.gsi = gsi;
   f.payload = p;
   if (traced) {
@@ -167,11 +167,12 @@ absl::Status LocalController::RaiseEdge(Gsi gsi, bool traced) {
                                                   transport::kMaxGsi));
   }
   SpinGuard g(send_lock_);
-  // Both frames under one hold of the lock: no other change of this GSI can come between them.
-  if (auto s = SendGsiLevel(gsi, true, traced, raised); !s.ok()) return s;
+  // One frame: the master asserts and deasserts the pin (a rising edge). One send and one wake-up of the master per
+  // edge, not two — on a node with few cores the second frame's handling competed with the delivery of the first.
+  if (auto s = SendGsiLevel(gsi, InterruptPayload::kLevelEdge, traced, raised); !s.ok()) return s;
   gsi_level_[gsi.value()].store(0, std::memory_order_relaxed);
   counters_.raised.Add();
-  return SendGsiLevel(gsi, false, false, 0);
+  return absl::OkStatus();
 }
 
 absl::Status LocalController::SetLevel(Gsi gsi, bool asserted, bool traced) {
@@ -188,7 +189,7 @@ absl::Status LocalController::SetLevel(Gsi gsi, bool asserted, bool traced) {
     counters_.level_unchanged.Add();
     return absl::OkStatus();
   }
-  if (auto s = SendGsiLevel(gsi, asserted, traced, raised); !s.ok()) return s;
+  if (auto s = SendGsiLevel(gsi, asserted ? 1 : 0, traced, raised); !s.ok()) return s;
   level.store(asserted ? 1 : 0, std::memory_order_relaxed);
   counters_.raised.Add();
   return absl::OkStatus();
@@ -485,6 +486,17 @@ void LocalController::HandleControl(const ControlPayload& p) {
       // The frame decoder already checked arg0 < kMaxGsi and the flag bits (transport/frame.cc).
       const Gsi gsi(static_cast<uint32_t>(p.arg0));
       const bool traced = (p.arg1 & ControlPayload::kRaiseTraced) != 0;
+      if (const uint32_t count = ControlPayload::TrainCount(p.arg1); count != 0) {
+        // A train of edges (the decoder checked: edge, count, interval): raised from the train's thread, each
+        // stamped `raised` there. Starting it replaces a running one (a short join: that thread wakes at once).
+        train_.Start(count, absl::Microseconds(ControlPayload::TrainIntervalUs(p.arg1)), [this, gsi, traced] {
+          (void)RaiseEdge(gsi, traced);  // a failed send is counted in send_failed
+          counters_.train_raises.Add();
+        });
+        counters_.trains.Add();
+        counters_.control_raises.Add();
+        return;
+      }
       const absl::Status s = (p.arg1 & ControlPayload::kRaiseLevel)
                                  ? SetLevel(gsi, (p.arg1 & ControlPayload::kRaiseAssert) != 0, traced)
                                  : RaiseEdge(gsi, traced);

@@ -1,13 +1,14 @@
 // A node's local interrupt controller: the node end of the device-interrupt data path.
 //
 //   device on this node raises GSI  -> kInterrupt (gsi level) to the master; trace hops raised, local_controller
-//       edge:  assert + deassert (one rising edge at the master's IOAPIC pin)
+//       edge:  one frame, level kLevelEdge (the master asserts and deasserts the pin: one rising edge)
 //       level: assert, held until the device deasserts (the master re-delivers after each EOI while it is held)
 //   device MSI                      -> kInterrupt (msi address/data) to the master
 //   kDeliver for a vCPU owned here  -> VmPort::Inject; trace hops target_received, injected; a level-triggered
 //                                      delivery is remembered per (vCPU, vector) with its GSI
 //   guest EOI of such a vector      -> OnGuestEoi (the agent calls it from KVM_EXIT_IOAPIC_EOI) -> kEoi to the master
-//   kControl raise-gsi from master  -> raise as above (the doorbell, master/devices/doorbell.h)
+//   kControl raise-gsi from master  -> raise as above (the doorbell, master/devices/doorbell.h); a train of edges
+//                                      is raised by this node's RaiseTrain thread on its own clock (raise_train.h)
 //   kIoResponse                     -> the attached IoForwarder (io_forwarder.h)
 // A kDeliver for a vCPU this node does not own, a frame of a type the node does not take, a frame from a node
 // other than the master (kDeliver excepted: direct IPIs come from the VM's other nodes), a bad raise-gsi: counted and
@@ -47,6 +48,7 @@
 #include "common/counter.h"
 #include "common/types.h"
 #include "irqchip/interrupt.h"
+#include "node-agent/raise_train.h"
 #include "transport/transport.h"
 
 namespace aggvm::agent {
@@ -94,6 +96,8 @@ struct LocalControllerCounters {
   Counter eois_sent;
   Counter eois_unmatched;     // OnGuestEoi for a (vCPU, vector) with no level delivery pending
   Counter control_raises;     // kControl raise-gsi handled
+  Counter trains;             // kControl raise-gsi trains started (each replaces a running one)
+  Counter train_raises;       // edges a train raised (sent, or failed and counted in send_failed)
   Counter io_responses;       // kIoResponse handed to the IoForwarder
   Counter pings;
   Counter inject_failed;      // VmPort::Inject returned an error
@@ -176,6 +180,9 @@ class LocalController {
   [[nodiscard]] const LocalControllerConfig& config() const { return config_; }
   /// The GSI of the level-triggered delivery of `vector` pending an EOI on `vcpu`, if any.
   [[nodiscard]] std::optional<Gsi> pending_level(VcpuIndex vcpu, Vector vector) const;
+  /// The doorbell train's late raises (started more than one interval after their deadline).
+  [[nodiscard]] uint64_t train_late() const { return train_.late(); }
+  [[nodiscard]] bool train_running() const { return train_.running(); }
 
  private:
   LocalController(LocalControllerConfig config, transport::Transport* transport, VmPort* vm);
@@ -183,7 +190,8 @@ class LocalController {
   void HandleFrame(transport::ReceivedFrame& rf);
   void HandleDeliver(const transport::DeliverPayload& p, transport::Frame& f);
   void HandleControl(const transport::ControlPayload& p);
-  absl::Status SendGsiLevel(Gsi gsi, bool level, bool traced, uint64_t raised_ns);
+  /// `level`: 0, 1 or InterruptPayload::kLevelEdge. Caller holds send_lock_.
+  absl::Status SendGsiLevel(Gsi gsi, uint8_t level, bool traced, uint64_t raised_ns);
   void MasterLost(const absl::Status& why);
   /// Sends to a peer node (not the master) under that peer's send spinlock.
   absl::Status SendToPeer(NodeId node, transport::Frame& frame);
@@ -212,6 +220,7 @@ class LocalController {
   std::atomic<bool> master_lost_{false};
   std::array<transport::ReceivedFrame, kBatch> batch_{};
   LocalControllerCounters counters_;
+  RaiseTrain train_;  // last: its thread (which raises through this controller) is joined before anything else goes
 };
 
 }  // namespace aggvm::agent

@@ -120,19 +120,17 @@ Frame Deliver(uint32_t vcpu, uint8_t vector, bool level = false, uint32_t gsi = 
   return f;
 }
 
-TEST(LocalController, EdgeIsAssertThenDeassertAndTraced) {
+TEST(LocalController, EdgeIsOneTracedFrame) {
   auto f = Fixture::Make();
   ASSERT_TRUE(f);
   const uint64_t before = MonotonicNanos();
   ASSERT_TRUE(f->lc->RaiseEdge(Gsi(4), true).ok());
   Frame first;
-  ExpectGsi(f->master(), 4, 1, &first);
+  ExpectGsi(f->master(), 4, InterruptPayload::kLevelEdge, &first);
   ASSERT_TRUE(first.traced());
   EXPECT_GE(first.trace.raised, before);
   EXPECT_GT(first.trace.local_controller, first.trace.raised);
-  Frame second;
-  ExpectGsi(f->master(), 4, 0, &second);
-  EXPECT_FALSE(second.traced());
+  EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50))) << "an edge is one frame";
   EXPECT_EQ(f->lc->RaiseEdge(Gsi(4096)).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(f->lc->counters().raised, 1u);
 }
@@ -211,15 +209,59 @@ TEST(LocalController, RaiseGsiFromTheMasterIsRaisedHere) {
                              .arg1 = ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced};
   f->FromMaster(c);
   Frame first;
-  ExpectGsi(f->master(), 12, 1, &first);
+  ExpectGsi(f->master(), 12, InterruptPayload::kLevelEdge, &first);
   EXPECT_TRUE(first.traced());
-  ExpectGsi(f->master(), 12, 0);
   c.payload = ControlPayload{.op = ControlPayload::Op::kRaiseGsi, .arg0 = 13,
                              .arg1 = ControlPayload::kRaiseAssert | ControlPayload::kRaiseLevel};
   f->FromMaster(c);
   ExpectGsi(f->master(), 13, 1);
   EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50))) << "a level is held";
   EXPECT_EQ(f->lc->counters().control_raises, 2u);
+}
+
+// A train (kRaiseGsi with a count and an interval): the node raises the edges itself, on its own clock, each with
+// its own `raised` stamp; a one-edge train replaces (stops) a running one.
+TEST(LocalController, RaiseGsiTrainIsRaisedHereOnTheNodesClock) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  constexpr uint32_t kCount = 5, kIntervalUs = 3000;
+  Frame c;
+  c.type = FrameType::kControl;
+  c.payload = ControlPayload{.op = ControlPayload::Op::kRaiseGsi, .arg0 = 9,
+                             .arg1 = ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced |
+                                     ControlPayload::TrainBits(kCount, kIntervalUs)};
+  f->FromMaster(c);
+  std::vector<uint64_t> raised;
+  for (uint32_t i = 0; i < kCount; ++i) {
+    Frame up;
+    ExpectGsi(f->master(), 9, InterruptPayload::kLevelEdge, &up);
+    EXPECT_TRUE(up.traced());
+    raised.push_back(up.trace.raised);
+  }
+  EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50))) << "more edges than the train's count";
+  for (uint32_t i = 1; i < kCount; ++i) {
+    EXPECT_GE(raised[i] - raised[0], uint64_t{i} * kIntervalUs * 1000 - 200'000) << "edge " << i << " came early";
+  }
+  EXPECT_EQ(f->lc->counters().trains, 1u);
+  EXPECT_EQ(f->lc->counters().train_raises, kCount);
+
+  // A long train, then a one-edge train: the long one stops.
+  c.payload = ControlPayload{.op = ControlPayload::Op::kRaiseGsi, .arg0 = 10,
+                             .arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(10000, 10000)};
+  f->FromMaster(c);
+  ExpectGsi(f->master(), 10, InterruptPayload::kLevelEdge);
+  c.payload = ControlPayload{.op = ControlPayload::Op::kRaiseGsi, .arg0 = 11,
+                             .arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(1, 10)};
+  f->FromMaster(c);
+  size_t gsi10 = 0, gsi11 = 0;
+  while (auto fr = NextFrame(f->master(), absl::Milliseconds(100))) {
+    const auto p = std::get<InterruptPayload>(fr->frame.payload);
+    (p.gsi == Gsi(10) ? gsi10 : gsi11) += 1;
+  }
+  EXPECT_EQ(gsi11, 1u) << "the one-edge train: one edge frame";
+  EXPECT_LE(gsi10, 1u) << "the long train went on after it was replaced";
+  EXPECT_FALSE(f->lc->train_running());
+  EXPECT_EQ(f->lc->counters().trains, 3u);
 }
 
 // The master's side of forwarded I/O in these tests: answers `count` requests, reads with data = address * 3 + vCPU

@@ -99,7 +99,9 @@ FrameError ValidateInterrupt(const InterruptPayload& p) {
   constexpr FrameType kT = FrameType::kInterrupt;
   switch (p.kind) {
     case InterruptPayload::Kind::kGsiLevel:
-      if (p.level > 1) return Bad(kT, FrameField::kLevel, p.level, "must be 0 or 1");
+      if (p.level > InterruptPayload::kLevelEdge) {
+        return Bad(kT, FrameField::kLevel, p.level, "must be 0 (deassert), 1 (assert) or 2 (edge)");
+      }
       if (p.gsi.value() >= kMaxGsi) return Bad(kT, FrameField::kGsi, p.gsi.value(), "must be below kMaxGsi 4096");
       if (p.msi_address != 0) {
         return Bad(kT, FrameField::kMsiAddress, p.msi_address, "must be 0 for a GSI level change");
@@ -221,11 +223,28 @@ FrameError ValidateControl(const ControlPayload& p) {
     if (p.arg0 >= kMaxGsi) {
       return Bad(kT, FrameField::kArg0, p.arg0, "raise-gsi: the GSI must be below kMaxGsi 4096");
     }
-    if ((p.arg1 & ~ControlPayload::kRaiseKnown) != 0) {
+    const uint64_t flags = p.arg1 & 0xFF;
+    if ((flags & ~ControlPayload::kRaiseKnown) != 0) {
       return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi: only bits 0 level, 1 assert, 2 traced may be set");
     }
     if ((p.arg1 & ControlPayload::kRaiseLevel) == 0 && (p.arg1 & ControlPayload::kRaiseAssert) == 0) {
       return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi: an edge is always an assertion (bit 1 must be set)");
+    }
+    const uint32_t count = ControlPayload::TrainCount(p.arg1), interval = ControlPayload::TrainIntervalUs(p.arg1);
+    if (count != 0 || interval != 0) {
+      if ((p.arg1 & ControlPayload::kRaiseLevel) != 0) {
+        return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi train: edges only (bit 0 level must be clear)");
+      }
+      if (count == 0 || count > ControlPayload::kMaxTrainCount) {
+        return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi train: the count (bits 8..31) must be 1..1000000");
+      }
+      if (interval < ControlPayload::kMinTrainIntervalUs || interval > ControlPayload::kMaxTrainIntervalUs) {
+        return Bad(kT, FrameField::kArg1, p.arg1,
+                   "raise-gsi train: the interval (bits 32..63) must be 10..1000000 µs");
+      }
+      if (uint64_t{count} * interval > ControlPayload::kMaxTrainSpanUs) {
+        return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi train: count x interval must be at most 600 s");
+      }
     }
   }
   return kOk;

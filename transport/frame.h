@@ -57,7 +57,10 @@ using irqchip::DeliveryMode;
 
 struct InterruptPayload {        // FrameType::kInterrupt
   enum class Kind : uint8_t { kGsiLevel = 0, kMsi = 1 } kind = Kind::kGsiLevel;
-  uint8_t level = 0;             // kGsiLevel: 1 asserted, 0 deasserted (edge sources send 1 then 0)
+  // kGsiLevel: 1 asserted, 0 deasserted (level sources), kLevelEdge one rising edge: the pin asserted then
+  // deasserted at the master, in one frame (edge sources; a level-triggered pin takes it as a short pulse).
+  uint8_t level = 0;
+  static constexpr uint8_t kLevelEdge = 2;
   Gsi gsi{};                     // kGsiLevel: the pin / GSI
   uint64_t msi_address = 0;      // kMsi
   uint32_t msi_data = 0;         // kMsi
@@ -102,7 +105,8 @@ struct IoRequestPayload {        // FrameType::kIoRequest / kIoResponse
 };
 struct ControlPayload {          // FrameType::kControl
   // kRaiseGsi (master -> node): raise GSI arg0 (< kMaxGsi) on the receiving node's local interrupt controller, as if
-  // a device there had signalled it; the node then sends kInterrupt to the master. arg1 holds kRaise* bits only.
+  // a device there had signalled it; the node then sends kInterrupt to the master. arg1 holds kRaise* bits and,
+  // for a train of edges, a count and an interval (TrainBits below).
   // kPriority (node -> master): vCPU arg0 (< kMaxPriorityVcpus, run by the sending node) now has processor priority
   // arg1 (PPR, 0..255, SDM vol. 3, 11.8.3.1), for the Router's lowest-priority arbitration. Sent on change only.
   enum class Op : uint8_t { kHello = 0, kPing = 1, kPong = 2, kGoodbye = 3, kRaiseGsi = 4, kPriority = 5 } op = Op::kHello;
@@ -114,6 +118,29 @@ struct ControlPayload {          // FrameType::kControl
   static constexpr uint64_t kRaiseTraced = 1u << 2;  // the node fills a trace block from `raised` on
   static constexpr uint64_t kRaiseKnown = kRaiseLevel | kRaiseAssert | kRaiseTraced;
   static constexpr uint64_t kMaxPriorityVcpus = 1024;
+
+  // A raise-gsi train: arg1 bits 8..31 hold a count, bits 32..63 an interval in µs. Count 0 (and interval 0) is the
+  // single raise above. Count >= 1 with an interval is a train: `count` edges of the GSI, one every `interval` µs
+  // from the moment the node receives the frame, timed by the node's own clock — what a device on that node
+  // raising interrupts at a set rate does, with nothing else (no RPC, no master) in the path of each raise. A new
+  // train replaces a running one; count 1 with an interval thus stops one. Edges only.
+  static constexpr unsigned kTrainCountShift = 8;
+  static constexpr unsigned kTrainIntervalShift = 32;
+  static constexpr uint64_t kTrainCountMask = 0xFFFFFFull << kTrainCountShift;
+  static constexpr uint32_t kMaxTrainCount = 1'000'000;
+  static constexpr uint32_t kMinTrainIntervalUs = 10;
+  static constexpr uint32_t kMaxTrainIntervalUs = 1'000'000;
+  static constexpr uint64_t kMaxTrainSpanUs = 600'000'000;  // count x interval: 10 minutes at most
+  static_assert(kMaxTrainCount <= (kTrainCountMask >> kTrainCountShift));
+  static_assert((kRaiseKnown & kTrainCountMask) == 0 && kTrainIntervalShift >= 8 + 24);
+
+  static constexpr uint64_t TrainBits(uint32_t count, uint32_t interval_us) {
+    return (uint64_t{count} << kTrainCountShift) | (uint64_t{interval_us} << kTrainIntervalShift);
+  }
+  static constexpr uint32_t TrainCount(uint64_t arg1) {
+    return static_cast<uint32_t>((arg1 & kTrainCountMask) >> kTrainCountShift);
+  }
+  static constexpr uint32_t TrainIntervalUs(uint64_t arg1) { return static_cast<uint32_t>(arg1 >> kTrainIntervalShift); }
 };
 
 /// Per-hop timestamps in CLOCK_MONOTONIC ns (absolute; the wire carries deltas from `raised`). 0 = not reached.

@@ -261,7 +261,12 @@ TEST(Frame, IoSizesRoundTrip) {
 
 TEST(Frame, RaiseGsiControlRoundTrips) {
   for (uint64_t flags : {ControlPayload::kRaiseAssert, ControlPayload::kRaiseLevel,
-                         ControlPayload::kRaiseLevel | ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced}) {
+                         ControlPayload::kRaiseLevel | ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced,
+                         // trains of edges: the largest count and interval, and a one-edge train (stops a running one)
+                         ControlPayload::kRaiseAssert | ControlPayload::kRaiseTraced |
+                             ControlPayload::TrainBits(ControlPayload::kMaxTrainCount, 600),
+                         ControlPayload::kRaiseAssert | ControlPayload::TrainBits(600, ControlPayload::kMaxTrainIntervalUs),
+                         ControlPayload::kRaiseAssert | ControlPayload::TrainBits(1, ControlPayload::kMinTrainIntervalUs)}) {
     ControlPayload p;
     p.op = ControlPayload::Op::kRaiseGsi;
     p.arg0 = kMaxGsi - 1;
@@ -307,7 +312,7 @@ std::vector<Rule> Rules() {
       {"sequence zero", [] { return Make(FrameType::kEoi, Eoi(), 0); }, "'sequence' = 0x0"},
       {"unknown flag", [] { auto f = Make(FrameType::kEoi, Eoi()); f.flags = 0x8000; return f; }, "'flags' = 0x8000"},
       {"payload mismatch", [] { return Make(FrameType::kEoi, Ipi()); }, "'payload'"},
-      {"gsi level > 1", with(FrameType::kInterrupt, GsiLevel(), [](IP& p) { p.level = 2; }), "'level' = 0x2"},
+      {"gsi level > 2", with(FrameType::kInterrupt, GsiLevel(), [](IP& p) { p.level = 3; }), "'level' = 0x3"},
       {"gsi too big", with(FrameType::kInterrupt, GsiLevel(), [](IP& p) { p.gsi = Gsi(4096); }), "'gsi' = 0x1000"},
       {"gsi with msi address", with(FrameType::kInterrupt, GsiLevel(), [](IP& p) { p.msi_address = 0xfee00000; }),
        "'msi_address'"},
@@ -380,6 +385,26 @@ std::vector<Rule> Rules() {
        "'arg1' = 0xa"},
       {"control raise-gsi edge deassert", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
          p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3; p.arg1 = 0; }), "'arg1' = 0x0"},
+      {"control raise-gsi train of levels", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
+         p.arg1 = ControlPayload::kRaiseLevel | ControlPayload::kRaiseAssert | ControlPayload::TrainBits(5, 100); }),
+       "'arg1'"},
+      {"control raise-gsi train count 0", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
+         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(0, 100); }), "'arg1'"},
+      {"control raise-gsi train count too large", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
+         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(ControlPayload::kMaxTrainCount + 1, 100); }),
+       "'arg1'"},
+      {"control raise-gsi train without interval", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
+         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(5, 0); }), "'arg1'"},
+      {"control raise-gsi train interval too short", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
+         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(5, 9); }), "'arg1'"},
+      {"control raise-gsi train too long", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
+         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
+         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(1000, 1'000'000); }), "'arg1'"},
       {"traced raised zero", [] {
          auto f = Make(FrameType::kEoi, Eoi()); f.flags = kFlagTraced; f.trace.raised = 0; return f; },
        "'trace.raised' = 0x0"},

@@ -28,6 +28,7 @@ constexpr size_t kRxFrames = 256;  // per-peer receive buffer: one recv(2) takes
 constexpr size_t kRxBytes = kRxFrames * kFrameSize;
 static_assert(kRxBytes % kFrameSize == 0);
 constexpr int kMaxEpollEvents = 16;
+constexpr uint32_t kWakeToken = 0xFFFFFFFFu;  // epoll data of the Waker's eventfd (peer indexes are far below)
 // Accepted connections whose hello has not arrived yet, read concurrently during Connect. Beyond this many the oldest
 // is closed: a flood of silent connections cannot exhaust descriptors or starve the real peers.
 constexpr size_t kMaxPendingHellos = 64;
@@ -271,6 +272,14 @@ absl::Status TcpTransport::Connect(std::span<const PeerEndpoint> peers, absl::Du
       return fail(absl::InternalError(fmt::format("epoll_ctl(ADD) for node {}: {}", p.node, Errno(errno))));
     }
     p.alive.store(true, std::memory_order_release);
+  }
+  if (waker_.fd() >= 0) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u32 = kWakeToken;
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, waker_.fd(), &ev) < 0) {
+      return fail(absl::InternalError(fmt::format("epoll_ctl(ADD) for the waker: {}", Errno(errno))));
+    }
   }
   // The mesh is complete: nobody else may join, so stop listening. A later stray connect is refused by the kernel
   // instead of piling up in the backlog of a socket nobody accepts on.
@@ -561,6 +570,7 @@ absl::StatusOr<size_t> TcpTransport::Wait(std::span<ReceivedFrame> out, absl::Du
     for (uint32_t spin = 0;; ++spin) {
       auto r = Poll(out);
       if (!r.ok() || *r > 0) return r;
+      if (waker_.pending() && waker_.Consume()) return size_t{0};
       if ((spin & 63) == 63 && MonotonicNanos() - start >= limit) return size_t{0};
     }
   }
@@ -579,11 +589,17 @@ absl::StatusOr<size_t> TcpTransport::Wait(std::span<ReceivedFrame> out, absl::Du
     epoll_event events[kMaxEpollEvents];
     const int ready = ::epoll_wait(epoll_fd_, events, kMaxEpollEvents, ms);
     if (ready < 0 && errno != EINTR) return absl::InternalError(fmt::format("epoll_wait: {}", Errno(errno)));
-    for (int i = 0; i < ready && n < out.size(); ++i) {
+    bool woken = false;
+    for (int i = 0; i < ready; ++i) {
       const uint32_t idx = events[i].data.u32;
-      if (idx < peers_.size()) n = ReadPeer(*peers_[idx], out, n);
+      if (idx == kWakeToken) {
+        woken = waker_.Consume() || woken;
+      } else if (idx < peers_.size() && n < out.size()) {
+        n = ReadPeer(*peers_[idx], out, n);
+      }
     }
     if (n > 0) return n;
+    if (woken) return Finish(0);
     if (auto r = Finish(0); !r.ok() || ms == 0) return r;
   }
 }

@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "transport/transport.h"
+#include "transport/waker.h"
 
 namespace aggvm::transport {
 
@@ -70,6 +71,7 @@ class TcpTransport final : public Transport {
   absl::Status Send(NodeId to, Frame& frame) override;
   absl::StatusOr<size_t> Poll(std::span<ReceivedFrame> out) override;
   absl::StatusOr<size_t> Wait(std::span<ReceivedFrame> out, absl::Duration timeout) override;
+  void Wake() override { waker_.Wake(); }
   void Close() override;
   TransportStats stats() const override;
   FrameError last_bad_frame(NodeId peer) const override;
@@ -92,6 +94,7 @@ class TcpTransport final : public Transport {
   int listen_fd_ = -1;
   const uint16_t listen_port_;
   int epoll_fd_ = -1;
+  Waker waker_;  // in the epoll set as kWakeToken
   std::vector<std::unique_ptr<Peer>> peers_;
   std::vector<int32_t> index_of_node_;  // NodeId value -> index in peers_, -1 if not a peer (65536 entries)
   size_t next_poll_start_ = 0;          // round-robin start so one busy peer cannot starve the others

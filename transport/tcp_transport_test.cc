@@ -13,6 +13,7 @@
 #include <map>
 
 #include <future>
+#include <chrono>
 #include <thread>
 
 namespace aggvm::transport {
@@ -155,6 +156,41 @@ TEST_P(TcpModes, TwoNodesExchangeFramesInOrderBothWays) {
   EXPECT_EQ(b->stats().frames_received, kN);
   EXPECT_EQ(b->stats().sequence_errors, 0u);
   EXPECT_EQ(b->stats().bad_frames, 0u);
+}
+
+// Wake (another thread) ends a Wait at once, a Wake before a Wait makes that Wait return at once, and once a Wake is
+// consumed the next Wait sleeps again (no readable eventfd left behind to spin on). Frames still arrive after it.
+TEST_P(TcpModes, WakeEndsAWaitAndIsConsumedOnce) {
+  auto a = Make(1, GetParam());
+  auto b = Make(2, GetParam());
+  ConnectMesh({a.get(), b.get()});
+  std::array<ReceivedFrame, 4> buf;
+  std::thread waker([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    b->Wake();
+  });
+  absl::Time t0 = absl::Now();
+  auto r = b->Wait(buf, absl::Seconds(10));
+  waker.join();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 0u);
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(5)) << "Wait ran to its timeout despite the Wake";
+  b->Wake();
+  b->Wake();  // two Wakes before a Wait: one early return
+  t0 = absl::Now();
+  r = b->Wait(buf, absl::Seconds(10));
+  ASSERT_TRUE(r.ok());
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(5));
+  t0 = absl::Now();
+  r = b->Wait(buf, absl::Milliseconds(200));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(*r, 0u);
+  EXPECT_GE(absl::Now() - t0, absl::Milliseconds(150)) << "a consumed Wake still ended the next Wait";
+  Frame f = Ipi(7);
+  ASSERT_TRUE(a->Send(NodeId(2), f).ok());
+  auto got = ReceiveN(*b, 1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(std::get<IpiPayload>(got[0].frame.payload).source_vcpu, VcpuIndex(7));
 }
 
 TEST_P(TcpModes, FourNodeMeshAllToAll) {

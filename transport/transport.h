@@ -66,8 +66,12 @@ class Transport {
   /// Non-blocking: writes up to out.size() received frames, returns how many. UNAVAILABLE when a peer was lost
   /// (the message names it); frames received before the loss are still returned by earlier calls.
   virtual absl::StatusOr<size_t> Poll(std::span<ReceivedFrame> out) = 0;
-  /// Like Poll but waits up to `timeout` for at least one frame (busy-polling or sleeping per the WaitMode).
+  /// Like Poll but waits up to `timeout` for at least one frame (busy-polling or sleeping per the WaitMode). Returns
+  /// early, with what arrived (possibly 0 frames), once Wake() was called.
   virtual absl::StatusOr<size_t> Wait(std::span<ReceivedFrame> out, absl::Duration timeout) = 0;
+  /// Any thread: makes the Wait in progress (or the next one) return at once, so that the polling thread can run
+  /// work queued for it by another thread. Cheap enough per operator command; not for the per-frame path.
+  virtual void Wake() = 0;
   /// Closes every connection and releases every resource, in the reverse order of creation. Idempotent.
   virtual void Close() = 0;
   virtual TransportStats stats() const = 0;

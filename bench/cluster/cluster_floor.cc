@@ -139,7 +139,8 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
   return us;
 }
 
-absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace) {
+absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace,
+                                         agent::IrqProbe::Waiter waiter) {
   agent::ProbeVmConfig c;
   c.guest_elf = AGGVM_PROBE_GUEST_ELF;
   c.irqchip = irqchip;
@@ -154,7 +155,8 @@ absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, ab
   out.tsc_khz = (*vm)->tsc_khz();
   absl::Status st;
   if (pace <= absl::ZeroDuration()) {
-    auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), n, agent::MsiPath::kInjector, absl::Seconds(120));
+    auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), n, agent::MsiPath::kInjector, absl::Seconds(120),
+                           waiter);
     if (r.ok()) out.to_handler_us = std::move(r->to_handler_us);
     st = r.status();
   } else {
@@ -163,7 +165,8 @@ absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, ab
     out.to_handler_us.reserve(n);
     for (size_t i = 0; i < n && st.ok(); ++i) {
       const absl::Time next = absl::Now() + pace;
-      auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), 1, agent::MsiPath::kInjector, absl::Seconds(10));
+      auto r = probe.Measure(**vm, VcpuIndex(1), Vector(0x51), 1, agent::MsiPath::kInjector, absl::Seconds(10),
+                             waiter);
       st = r.status();
       if (r.ok()) out.to_handler_us.push_back(r->to_handler_us.at(0));
       absl::SleepFor(next - absl::Now());

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/stats.h"
+#include "node-agent/irq_probe.h"
 #include "tests/support/cluster_launcher.h"
 #include "vcpu/interrupt_injector.h"
 
@@ -49,7 +50,9 @@ struct LocalMsi {
 /// polling for the record. pace == 0: back to back (the vCPU is still halt-polling when the next MSI comes);
 /// pace > 0: one MSI every `pace` (measured from the previous injection), so the vCPU has gone to sleep in between,
 /// as in the cluster samples.
-absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace);
+/// `waiter`: how the injecting thread waits for each record (agent::IrqProbe::Waiter; spinning by default).
+absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace,
+                                         agent::IrqProbe::Waiter waiter = agent::IrqProbe::Waiter::kSpin);
 
 struct LocalIpi {
   std::vector<double> round_trip_us;

@@ -3,8 +3,13 @@
 // aggvm-master and three aggvm-agents run as separate processes exactly as scripts/cluster.sh starts them — as root
 // each in its own network namespace on a veth bridge (tests/support/netns.h), otherwise all on 127.0.0.1 (with a
 // note) — and host one probe-guest VM of 3 nodes x 2 vCPUs (irq-sink workload, kernel irqchip, TCP, event wait mode).
-// GSI 4 is routed FIXED / physical to APIC ID 3: vCPU 3, on node-b. Each sample rings the doorbell on node-a
-// (RingDoorbell, traced), one interrupt in flight at a time:
+// GSI 4 is routed FIXED / physical to APIC ID 3: vCPU 3, on node-b. Each sample is one traced edge of GSI 4 raised
+// on node-a, one interrupt in flight at a time, from one of two sources (--source):
+//   train  (default) one RingDoorbell asks node-a for a train of edges, one every --interval-us, timed by node-a's
+//          own clock (node-agent/raise_train.h): a device on node-a raising at a set rate. No RPC runs during a
+//          sample, so only the interrupt path competes for the 2 cores.
+//   rpc    one RingDoorbell RPC per sample: the RPC's reply (the master's and this bench's gRPC threads) runs
+//          while the interrupt crosses the nodes.
 //
 //   node-a raises GSI 4 (trace `raised`) -> kInterrupt to the master (hop 1) -> IOAPIC + router -> kDeliver to node-b
 //   (hop 2) -> KVM_SIGNAL_MSI (trace `injected`) -> vCPU 3's handler entry (guest rdtsc in its IRQ record)
@@ -23,10 +28,12 @@
 //                 threads and node-b's vCPU 3 do before every cross-node sample.
 // Both floors and both ratios are printed; the paced one is the like-for-like comparison.
 //
-//   cluster_latency_bench [--samples 3000] [--max-seconds 90] [--floor-samples 3000] [--loopback] [--json FILE]
+//   cluster_latency_bench [--samples 3000] [--source train|rpc] [--interval-us 2000] [--max-seconds 90]
+//                         [--floor-samples 3000] [--loopback] [--json FILE]
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <fstream>
@@ -44,6 +51,7 @@
 #include "common/clock.h"
 #include "common/stats.h"
 #include "node-agent/cluster_vm_host.h"
+#include "transport/frame.h"
 #include "tests/support/cluster_launcher.h"
 
 namespace aggvm::bench {
@@ -77,6 +85,17 @@ v1::VmSpec Spec() {
   return spec;
 }
 
+// One traced edge of GSI 4 raised on node-a.
+v1::RingDoorbellRequest TracedRing() {
+  v1::RingDoorbellRequest req;
+  req.set_vm(kVm);
+  req.set_node("node-a");
+  req.set_gsi(kGsi);
+  req.set_asserted(true);
+  req.set_traced(true);
+  return req;
+}
+
 struct CrossNode {
   std::vector<double> handler_us;     // raised on node-a -> vCPU 3's handler entry on node-b (primary)
   std::vector<double> to_master_us;   // raised -> master_received
@@ -91,9 +110,9 @@ struct CrossNode {
 };
 
 // Runs the cluster part on the started cluster: VM created and started, `samples` doorbells (bounded by
-// `max_seconds`), VM stopped.
+// `max_seconds`), VM stopped. `train_interval_us` > 0: one train of edges from node-a itself; else one RPC each.
 absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, size_t samples, size_t warmup,
-                                           double max_seconds) {
+                                           double max_seconds, uint32_t train_interval_us) {
   using testing::Call;
   auto fail = [&](absl::Status s) {
     cluster.TailLogs();
@@ -129,13 +148,45 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
   size_t next_irq = watch.count(kIrqRecord), next_trace = watch.count(agent::kTraceRecordType);
   const ClockPair first = ReadPair();
   const absl::Time end = absl::Now() + absl::Seconds(max_seconds);
-  for (size_t i = 0; i < warmup + samples && !StopRequested() && absl::Now() < end; ++i) {
-    v1::RingDoorbellRequest req;
-    req.set_vm(kVm);
-    req.set_node("node-a");
-    req.set_gsi(kGsi);
-    req.set_asserted(true);
-    req.set_traced(true);
+  if (train_interval_us > 0) {
+    // One train: node-a raises warmup + samples edges on its own clock; the records come back as they happen.
+    const size_t total = warmup + samples;
+    v1::RingDoorbellRequest req = TracedRing();
+    req.set_count(static_cast<uint32_t>(total));
+    req.set_interval_us(train_interval_us);
+    v1::RingDoorbellResponse resp;
+    const uint64_t rpc_ns = MonotonicNanos();
+    if (auto s = Call([&](grpc::ClientContext& c) { return stub->RingDoorbell(&c, req, &resp); }, 5); !s.ok()) {
+      stop_vm();
+      return fail(absl::InternalError("RingDoorbell (train): " + s.error_message()));
+    }
+    const absl::Time train_end =
+        std::min(end, absl::Now() + absl::Microseconds(double(total) * train_interval_us) + absl::Seconds(10));
+    watch.WaitFor([&] {
+      return (watch.count(kIrqRecord) >= next_irq + total && watch.count(agent::kTraceRecordType) >= next_trace + total) ||
+             StopRequested() || absl::Now() >= train_end;
+    }, absl::Seconds(max_seconds + 10));
+    if (watch.count(kIrqRecord) < next_irq + total) {
+      // Cut short (max_seconds, a lost edge): stop the train; a one-edge train replaces it (one more edge, untraced).
+      req.set_count(1);
+      req.set_interval_us(transport::ControlPayload::kMinTrainIntervalUs);
+      req.set_traced(false);
+      (void)Call([&](grpc::ClientContext& c) { return stub->RingDoorbell(&c, req, &resp); }, 5);
+    }
+    // Edges are raised, routed and injected in order, one in flight at a time: the i-th IRQ record and the i-th
+    // trace record belong to the i-th edge. A pair whose handler does not fall after its own `raised` and before
+    // the next edge was due is rejected below.
+    const size_t irqs = watch.count(kIrqRecord) - next_irq, traces = watch.count(agent::kTraceRecordType) - next_trace;
+    const size_t got = std::min(irqs, traces);
+    out.lost = total > got ? total - got : 0;
+    for (size_t i = warmup; i < got; ++i) {
+      auto irq = watch.RecordAt(kIrqRecord, next_irq + i, absl::ZeroDuration());
+      auto trace = watch.RecordAt(agent::kTraceRecordType, next_trace + i, absl::ZeroDuration());
+      if (irq && trace) raw.push_back({rpc_ns, first, *irq, *trace});
+    }
+  }
+  for (size_t i = 0; train_interval_us == 0 && i < warmup + samples && !StopRequested() && absl::Now() < end; ++i) {
+    const v1::RingDoorbellRequest req = TracedRing();
     v1::RingDoorbellResponse resp;
     const ClockPair pair = ReadPair();
     const uint64_t rpc_ns = MonotonicNanos();
@@ -173,11 +224,13 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
     const auto lo = [](uint64_t v) { return static_cast<uint32_t>(v); };
     const auto hi = [](uint64_t v) { return static_cast<uint32_t>(v >> 32); };
     const uint32_t injected = hi(r.trace.c());
-    // The handler's rdtsc, mapped to CLOCK_MONOTONIC through the pair read just before this sample's ring.
+    // The handler's rdtsc, mapped to CLOCK_MONOTONIC through the pair read just before this sample's ring (a train:
+    // the pair read before the train, with the rate fitted over the run).
     const double handler_ns = static_cast<double>(r.pair.ns) +
                               (static_cast<double>(r.irq.b()) - static_cast<double>(r.pair.tsc)) / tsc_per_ns;
     const double e2e = handler_ns - static_cast<double>(raised);
-    if (raised < r.rpc_ns || injected == 0xFFFFFFFFu || e2e <= 0) {  // not this ring's pair: count, skip
+    const bool past_next = train_interval_us > 0 && e2e >= train_interval_us * 1e3;  // belongs to a later edge
+    if (raised < r.rpc_ns || injected == 0xFFFFFFFFu || e2e <= 0 || past_next) {  // not this ring's pair: skip
       out.rejected += 1;
       continue;
     }
@@ -188,7 +241,7 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
     out.target_us.push_back(lo(r.trace.c()) / 1e3);
     out.injected_us.push_back(injected / 1e3);
     out.inject_to_handler_us.push_back((e2e - injected) / 1e3);
-    out.rpc_us.push_back((handler_ns - static_cast<double>(r.rpc_ns)) / 1e3);
+    if (train_interval_us == 0) out.rpc_us.push_back((handler_ns - static_cast<double>(r.rpc_ns)) / 1e3);
   }
   return out;
 }
@@ -198,10 +251,17 @@ int Main(int argc, char** argv) {
   size_t samples = 3000, floor_samples = 3000, warmup = 100;
   double max_seconds = 90;
   bool loopback = false;
+  std::string source = "train";
+  uint32_t interval_us = 2000;
   std::string json_path;
   app.add_option("--samples", samples, "doorbells measured (after --warmup)");
   app.add_option("--warmup", warmup, "doorbells rung first and not counted");
   app.add_option("--max-seconds", max_seconds, "bound on the cross-node sampling time");
+  app.add_option("--source", source, "train: node-a raises a train of edges on its own clock (no RPC per sample); "
+                 "rpc: one RingDoorbell RPC per sample")->check(CLI::IsMember({"train", "rpc"}));
+  app.add_option("--interval-us", interval_us, "train: one edge every this many µs")
+      ->check(CLI::Range(static_cast<uint32_t>(transport::ControlPayload::kMinTrainIntervalUs),
+                         static_cast<uint32_t>(transport::ControlPayload::kMaxTrainIntervalUs)));
   app.add_option("--floor-samples", floor_samples, "transport round trips and local MSIs for the floor");
   app.add_flag("--loopback", loopback, "every process on 127.0.0.1 instead of network namespaces");
   app.add_option("--json", json_path, "write the results as JSON");
@@ -217,7 +277,12 @@ int Main(int argc, char** argv) {
               network == "netns" ? "each in its own network namespace, veth bridge" : "loopback", kGsi, kVector,
               kTargetVcpu, kHops);
   std::fflush(stdout);
-  auto cross = MeasureCrossNode(*cluster, samples, warmup, max_seconds);
+  const uint32_t train_interval_us = source == "train" ? interval_us : 0;
+  if (train_interval_us > 0 && double(warmup + samples) * train_interval_us > max_seconds * 1e6) {
+    Die(fmt::format("{} edges {} µs apart take longer than --max-seconds {}", warmup + samples, train_interval_us,
+                    max_seconds));
+  }
+  auto cross = MeasureCrossNode(*cluster, samples, warmup, max_seconds, train_interval_us);
   if (!cross.ok()) {
     cluster.reset();
     Die("cross-node run: " + std::string(cross.status().ToString()) + " (logs in " + logdir + ")");
@@ -237,6 +302,11 @@ int Main(int argc, char** argv) {
   if (!local.ok()) Die("local KVM_SIGNAL_MSI floor: " + std::string(local.status().ToString()));
   auto paced = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, floor_samples, absl::Microseconds(gap_us));
   if (!paced.ok()) Die("paced local KVM_SIGNAL_MSI floor: " + std::string(paced.status().ToString()));
+  // The same, with the injecting thread asleep right after its KVM_SIGNAL_MSI (as node-b's data-plane thread, which
+  // goes back to epoll) instead of spinning for the record: shown next to the floor, not used in it.
+  auto paced_sleeping = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, floor_samples, absl::Microseconds(gap_us),
+                                        agent::IrqProbe::Waiter::kSleep);
+  if (!paced_sleeping.ok()) Die("paced local MSI (sleeping injector): " + paced_sleeping.status().ToString());
   RemoveLogs(*bench);
 
   const Summary e2e = Summarize(cross->handler_us);
@@ -251,7 +321,11 @@ int Main(int argc, char** argv) {
   const double ratio = floor_p50 > 0 ? e2e.p50 / floor_p50 : 0;
   const double ratio_paced = paced_p50 > 0 ? e2e.p50 / paced_p50 : 0;
 
-  std::printf("\ncross-node samples: %zu (lost %lu, rejected %lu), one every %.0f µs (median); handler time = guest "
+  std::printf("\nsource: %s\n", train_interval_us > 0
+                                   ? fmt::format("a train of edges raised by node-a itself, one every {} µs",
+                                                 train_interval_us).c_str()
+                                   : "one RingDoorbell RPC per sample");
+  std::printf("cross-node samples: %zu (lost %lu, rejected %lu), one every %.0f µs (median); handler time = guest "
               "rdtsc -> CLOCK_MONOTONIC via TSC rate fitted over the run %.0f kHz (KVM_GET_TSC_KHZ %lu)\n",
               e2e.count, static_cast<unsigned long>(cross->lost), static_cast<unsigned long>(cross->rejected), gap_us,
               cross->fitted_tsc_khz, static_cast<unsigned long>(local->tsc_khz));
@@ -265,11 +339,12 @@ int Main(int argc, char** argv) {
   row("raised on node-a -> KVM_SIGNAL_MSI done on node-b", Summarize(cross->injected_us));
   row("  node-b injected -> guest handler entry", Summarize(cross->inject_to_handler_us));
   row("RAISED ON NODE-A -> GUEST HANDLER ON NODE-B", e2e);
-  row("  (RingDoorbell RPC issued -> guest handler, incl. gRPC)", Summarize(cross->rpc_us));
+  if (!cross->rpc_us.empty()) row("  (RingDoorbell RPC issued -> guest handler, incl. gRPC)", Summarize(cross->rpc_us));
   row("floor: tcp one-way, 64-byte frames, event (rtt/2), back to back", tcp);
   row(fmt::format("floor: tcp one-way, paced {:.0f} µs (asleep)", gap_us), tcp_paced);
   row("floor: local KVM_SIGNAL_MSI -> handler, back to back (awake)", msi);
   row(fmt::format("floor: local KVM_SIGNAL_MSI -> handler, paced {:.0f} µs (asleep)", gap_us), msi_paced);
+  row("  (the same, the injecting thread asleep after the MSI, not spinning)", Summarize(paced_sleeping->to_handler_us));
   std::printf("%-62s %9.1f %9.1f\n", fmt::format("FLOOR back to back = {} x tcp one-way + local MSI", kHops).c_str(),
               floor_p50, floor_p99);
   std::printf("%-62s %9.1f %9.1f\n", fmt::format("FLOOR paced        = {} x paced tcp one-way + paced MSI", kHops).c_str(),
@@ -286,6 +361,8 @@ int Main(int argc, char** argv) {
     j["irqchip"] = "kernel";
     j["transport"] = "tcp";
     j["wait_mode"] = "event";
+    j["source"] = source;
+    if (train_interval_us > 0) j["train_interval_us"] = train_interval_us;
     j["hops"] = kHops;
     j["method"] = "raised = trace block stamp on node-a (CLOCK_MONOTONIC); handler = guest rdtsc of vCPU 3's IRQ "
                   "record mapped to CLOCK_MONOTONIC (TSC rate fitted over the run)";
@@ -309,6 +386,8 @@ int Main(int argc, char** argv) {
     j["floor_paced"] = {{"tcp_one_way", ToJson(tcp_paced)},
                         {"local_msi_to_handler", ToJson(msi_paced)},
                         {"pace_us", gap_us},
+                        {"local_msi_to_handler_injector_asleep",
+                         ToJson(Summarize(paced_sleeping->to_handler_us))},
                         {"p50_us", paced_p50},
                         {"p99_us", paced_p99},
                         {"note", "tcp one-way and local MSI paced like the cross-node samples: the threads and "

@@ -85,7 +85,7 @@ std::map<std::string, std::string> Configuration::Labels() const {
 absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
   if (!j.is_object()) return Invalid("(top)", "must be an object");
   if (auto s = OnlyKeys(j, "", {"name", "workload", "samples", "warmup", "max_seconds", "storm", "trace_cost",
-                                "trace_cost_control", "broadcast_dest", "nodes", "clock_samples", "matrix"});
+                                "trace_cost_control", "pace_us", "broadcast_dest", "nodes", "clock_samples", "matrix"});
       !s.ok()) {
     return s;
   }
@@ -103,7 +103,8 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
   }
   for (auto s : {GetUint(j, "samples", "", 1, 1'000'000, e.samples), GetUint(j, "warmup", "", 0, 100'000, e.warmup),
                  GetUint(j, "nodes", "", 2, 8, e.nodes), GetUint(j, "clock_samples", "", 1, 1000, e.clock_samples),
-                 GetDouble(j, "max_seconds", "", 1, 86400, e.max_seconds)}) {
+                 GetDouble(j, "max_seconds", "", 1, 86400, e.max_seconds),
+                 GetDouble(j, "pace_us", "", 0, 1e6, e.pace_us)}) {
     if (!s.ok()) return s;
   }
   if (auto t = j.find("trace_cost"); t != j.end()) {
@@ -123,10 +124,16 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
   if (auto st = j.find("storm"); st != j.end()) {
     if (!st->is_object()) return Invalid("storm", "must be an object");
     if (auto s = OnlyKeys(*st, "storm.", {"rate_hz", "seconds"}); !s.ok()) return s;
-    for (auto s : {GetDouble(*st, "rate_hz", "storm.", 1, 1e6, e.storm_rate_hz),
-                   GetDouble(*st, "seconds", "storm.", 0.01, 3600, e.storm_seconds)}) {
+    // One train of edges raised by the node (transport/frame.h: interval >= 10 µs, at most 10^6 edges, 600 s).
+    for (auto s : {GetDouble(*st, "rate_hz", "storm.", 1, 100'000, e.storm_rate_hz),
+                   GetDouble(*st, "seconds", "storm.", 0.01, 600, e.storm_seconds)}) {
       if (!s.ok()) return s;
     }
+    if (e.storm_rate_hz * e.storm_seconds > 1e6) {
+      return Invalid("storm.seconds", fmt::format("rate_hz x seconds = {} edges; at most 1000000",
+                                                  e.storm_rate_hz * e.storm_seconds));
+    }
+    if (e.storm_rate_hz * e.storm_seconds < 1) return Invalid("storm.seconds", "rate_hz x seconds must be >= 1 edge");
   }
   if (auto m = j.find("matrix"); m != j.end()) {
     if (!m->is_object()) return Invalid("matrix", "must be an object");
@@ -139,6 +146,7 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
   }
   if (e.trace_cost && e.workload != "doorbell") return Invalid("trace_cost", "needs workload \"doorbell\"");
   if (e.trace_cost_control && !e.trace_cost) return Invalid("trace_cost_control", "needs \"trace_cost\": true");
+  if (e.pace_us > 0 && e.workload != "doorbell") return Invalid("pace_us", "needs workload \"doorbell\"");
   return e;
 }
 
@@ -157,6 +165,7 @@ nlohmann::json Experiment::ToJson() const {
           {"storm", {{"rate_hz", storm_rate_hz}, {"seconds", storm_seconds}}},
           {"trace_cost", trace_cost},
           {"trace_cost_control", trace_cost_control},
+          {"pace_us", pace_us},
           {"broadcast_dest", broadcast_dest},
           {"nodes", nodes},
           {"clock_samples", clock_samples},

@@ -5,9 +5,12 @@
 //     "workload": "doorbell",            // doorbell | storm | ipi-pingpong | ipi-broadcast
 //     "samples": 500, "warmup": 50,       // doorbell: measured rings (one in flight); ipi-pingpong: rounds
 //     "max_seconds": 60,                  // bound per configuration
-//     "storm": {"rate_hz": 2000, "seconds": 2},   // storm: rings paced at rate_hz without waiting
+//     "storm": {"rate_hz": 2000, "seconds": 2},   // storm: one train of edges at rate_hz raised by the first
+//                                                 // node itself (<= 100 kHz, <= 10^6 edges)
 //     "trace_cost": false,                // doorbell: alternate traced and untraced rings, compare their p50
 //     "trace_cost_control": false,        // with trace_cost: keep the two groups but trace neither (A/A control)
+//     "pace_us": 0,                       // doorbell: ring every pace_us on a fixed schedule (0: as soon as the
+//                                         // previous ring's records are back)
 //     "broadcast_dest": "all-excluding-self",  // ipi-broadcast: all-excluding-self | all-including-self |
 //                                              // physical-broadcast
 //     "nodes": 2,                         // local cluster: agents (node-a raises; the target is on the last node)
@@ -59,6 +62,9 @@ struct Experiment {
   double storm_seconds = 2;
   bool trace_cost = false;
   bool trace_cost_control = false;
+  /// doorbell: one ring every pace_us µs on a fixed schedule, so that every ring, traced or not, follows the same
+  /// idle time (without it a traced ring's loop also waits for its trace record, which shifts the next ring's start).
+  double pace_us = 0;
   std::string broadcast_dest = "all-excluding-self";
   uint32_t nodes = 2;
   uint32_t clock_samples = 16;

@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <thread>
 
 #include <fmt/format.h>
@@ -334,13 +335,43 @@ class ConfigRun {
     return s;
   }
 
+  grpc::Status RingTrain(uint32_t count, uint32_t interval_us) {
+    v1::RingDoorbellRequest req;
+    req.set_vm(vm_);
+    req.set_node(nodes_.front());
+    req.set_gsi(kGsi);
+    req.set_asserted(true);
+    req.set_traced(true);
+    req.set_count(count);
+    req.set_interval_us(interval_us);
+    v1::RingDoorbellResponse resp;
+    return Call([&](grpc::ClientContext& ctx) { return master_.RingDoorbell(&ctx, req, &resp); }, 5);
+  }
+
   absl::Status RunDoorbell(RecordWatch& watch) {
     size_t irq_index = 0, trace_index = 0;
     const absl::Time end = absl::Now() + absl::Seconds(e_.max_seconds);
+    // pace_us: ring i is due at t0 + i * pace. A ring whose records came back late starts at once and is counted.
+    const uint64_t pace_ns = static_cast<uint64_t>(e_.pace_us * 1e3);
+    const uint64_t t0 = MonotonicNanos();
+    // trace_cost: rings go in pairs, one of each group per pair, and which one of a pair comes first is drawn from a
+    // fixed-seed generator (the same order every run): a strict traced/untraced alternation lets anything periodic on
+    // the machine, or what the previous ring left behind, favour one group (the A/A control showed up to 8 %).
+    std::mt19937 order(20261206);
+    bool traced_first = true;
     for (uint32_t i = 0; i < e_.warmup + e_.samples && absl::Now() < end; ++i) {
+      if (pace_ns > 0) {
+        const uint64_t due = t0 + uint64_t{i} * pace_ns, now = MonotonicNanos();
+        if (now < due) {
+          std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+        } else if (i > 0) {
+          pace_overruns_ += 1;
+        }
+      }
       // trace_cost alternates the two kinds; trace_cost_control keeps the labels but traces neither (an A/A run:
       // the spread of its ratio around 1 is what the harness itself contributes on this machine).
-      const bool in_traced_group = !e_.trace_cost || i % 2 == 0;
+      if (i % 2 == 0) traced_first = (order() & 1u) != 0;
+      const bool in_traced_group = !e_.trace_cost || ((i % 2 == 0) == traced_first);
       const bool traced = in_traced_group && !e_.trace_cost_control;
       Doorbell d;
       d.traced = in_traced_group;
@@ -399,6 +430,10 @@ class ConfigRun {
     }
     FitAndAdd(traced, nodes_.front(), maps, out);
     out.measurements["samples_lost"] = static_cast<double>(lost_);
+    if (e_.pace_us > 0) {
+      out.measurements["pace_us"] = e_.pace_us;
+      out.measurements["pace_overruns"] = static_cast<double>(pace_overruns_);
+    }
     out.measurements["samples_rejected"] = static_cast<double>(rejected);
     auto p50 = [](std::vector<double>& v) {
       std::sort(v.begin(), v.end());
@@ -434,30 +469,39 @@ class ConfigRun {
     return absl::OkStatus();
   }
 
+  // The storm is one train of traced edges raised by the first node on its own clock (kControl raise-gsi with a
+  // count, node-agent/raise_train.h): the rate is the device's, not one RPC per ring's.
   absl::Status RunStorm(RecordWatch& watch, ConfigurationResult& out) {
-    const double period_ns = 1e9 / e_.storm_rate_hz;
-    const uint64_t t0 = MonotonicNanos();
-    const uint64_t duration = static_cast<uint64_t>(e_.storm_seconds * 1e9);
-    uint64_t rings = 0, errors = 0;
-    for (;;) {
-      const uint64_t due = t0 + static_cast<uint64_t>(static_cast<double>(rings) * period_ns);
-      if (due >= t0 + duration) break;
-      while (MonotonicNanos() < due) {
-      }
-      if (Ring(true).ok()) rings += 1;
-      else if (++errors > 100) return absl::UnavailableError("more than 100 RingDoorbell calls failed during the storm");
-    }
-    const double elapsed = static_cast<double>(MonotonicNanos() - t0) / 1e9;
-    // Let the tail arrive: until the counts stop moving (bounded).
+    const uint32_t interval_us = static_cast<uint32_t>(std::lround(1e6 / e_.storm_rate_hz));
+    const uint32_t count = static_cast<uint32_t>(std::lround(e_.storm_rate_hz * e_.storm_seconds));
+    const size_t traces_before = watch.Count(kTraceRecordType);
+    if (auto s = RingTrain(count, interval_us); !s.ok()) return FromGrpc(s, "RingDoorbell (storm train)");
+    // Until every edge's trace record is back, or the counts stop moving once the train's time is over (bounded).
+    const absl::Time train_end = absl::Now() + absl::Microseconds(double(count) * interval_us);
+    watch.At(kTraceRecordType, traces_before + count - 1, absl::Microseconds(double(count) * interval_us) +
+                                                            absl::Seconds(2));
     size_t last = SIZE_MAX;
-    for (int i = 0; i < 50 && watch.Count(kTraceRecordType) != last; ++i) {
+    for (int i = 0; i < 50 && absl::Now() >= train_end && watch.Count(kTraceRecordType) != last &&
+                    watch.Count(kTraceRecordType) < traces_before + count;
+         ++i) {
       last = watch.Count(kTraceRecordType);
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    out.measurements["rings"] = static_cast<double>(rings);
-    out.measurements["ring_errors"] = static_cast<double>(errors);
+    const size_t traces = watch.Count(kTraceRecordType) - traces_before;
+    double span_s = static_cast<double>(count) * interval_us / 1e6;
+    if (traces > 1) {  // the achieved rate, from the first and last raised stamps of this train (the node's clock)
+      auto first = watch.At(kTraceRecordType, traces_before, absl::ZeroDuration());
+      auto last_rec = watch.At(kTraceRecordType, traces_before + traces - 1, absl::ZeroDuration());
+      if (first && last_rec && last_rec->a() > first->a()) {
+        span_s = static_cast<double>(last_rec->a() - first->a()) / 1e9 * static_cast<double>(traces) /
+                 static_cast<double>(traces - 1);
+      }
+    }
+    out.measurements["rings"] = static_cast<double>(count);
+    out.measurements["ring_interval_us"] = interval_us;
     out.measurements["offered_rate_hz"] = e_.storm_rate_hz;
-    out.measurements["achieved_rate_hz"] = elapsed > 0 ? static_cast<double>(rings) / elapsed : 0;
+    out.measurements["achieved_rate_hz"] = span_s > 0 ? static_cast<double>(traces) / span_s : 0;
+    out.measurements["storm_traces_lost"] = static_cast<double>(count > traces ? count - traces : 0);
     out.measurements["irq_records"] = static_cast<double>(watch.Count(kIrqRecord));
     return absl::OkStatus();
   }
@@ -523,6 +567,7 @@ class ConfigRun {
   const RunOptions& o_;
   std::vector<Doorbell> doorbells_;
   uint64_t lost_ = 0;
+  uint64_t pace_overruns_ = 0;  // paced rings that started late (the previous ring's records were not back in time)
 };
 
 }  // namespace

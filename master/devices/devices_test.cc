@@ -83,12 +83,13 @@ struct RecordingTarget : DoorbellTarget {
     Gsi gsi;
     irqchip::TriggerMode trigger;
     bool asserted, traced;
+    RingTrain train;
   };
   std::vector<Ring> rings;
-  absl::Status RaiseOnNode(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted,
-                           bool traced) override {
+  absl::Status RaiseOnNode(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced,
+                           RingTrain train) override {
     if (node.value() > 3) return absl::InvalidArgumentError("no such node");
-    rings.push_back({node, gsi, trigger, asserted, traced});
+    rings.push_back({node, gsi, trigger, asserted, traced, train});
     return absl::OkStatus();
   }
 };
@@ -109,6 +110,30 @@ TEST(Doorbell, OperatorRingsAreValidated) {
   EXPECT_TRUE(t.rings[1].traced);
   EXPECT_EQ(d.counters().rings, 2u);
   EXPECT_EQ(d.counters().refused, 3u);
+}
+
+TEST(Doorbell, TrainsAreValidatedAndPassedOn) {
+  RecordingTarget t;
+  Doorbell d(&t);
+  constexpr auto kEdge = irqchip::TriggerMode::kEdge;
+  EXPECT_TRUE(d.Ring(NodeId(2), Gsi(5), kEdge, true, true, RingTrain{.count = 1000, .interval_us = 500}).ok());
+  ASSERT_EQ(t.rings.size(), 1u);
+  EXPECT_EQ(t.rings[0].train.count, 1000u);
+  EXPECT_EQ(t.rings[0].train.interval_us, 500u);
+  struct Bad {
+    irqchip::TriggerMode trigger;
+    RingTrain train;
+    const char* says;
+  };
+  for (const Bad& b : {Bad{irqchip::TriggerMode::kLevel, {10, 100}, "edges only"}, Bad{kEdge, {0, 100}, "count 0"},
+                       Bad{kEdge, {1'000'001, 100}, "count 1000001"}, Bad{kEdge, {10, 9}, "interval 9"},
+                       Bad{kEdge, {10, 1'000'001}, "interval 1000001"}, Bad{kEdge, {1000, 1'000'000}, "1000 s"}}) {
+    const absl::Status s = d.Ring(NodeId(2), Gsi(5), b.trigger, true, false, b.train);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << b.says;
+    EXPECT_NE(s.message().find(b.says), std::string_view::npos) << s.message();
+  }
+  EXPECT_EQ(t.rings.size(), 1u) << "a refused train reached the node";
+  EXPECT_EQ(d.counters().refused, 6u);
 }
 
 TEST(Doorbell, GuestRingsThroughPorts) {

@@ -1,5 +1,7 @@
 #include "master/devices/doorbell.h"
 
+#include <string>
+
 #include <fmt/format.h>
 
 #include "transport/frame.h"
@@ -14,7 +16,8 @@ bool U16Access(uint16_t offset, uint8_t size, uint16_t reg) {
 
 }  // namespace
 
-absl::Status Doorbell::Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced) {
+absl::Status Doorbell::Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced,
+                           RingTrain train) {
   if (gsi.value() >= transport::kMaxGsi) {
     counters_.refused.Add();
     return absl::InvalidArgumentError(
@@ -25,7 +28,27 @@ absl::Status Doorbell::Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, 
     return absl::InvalidArgumentError(
         fmt::format("doorbell: an edge on GSI {} is always an assertion; deassert only a level interrupt", gsi));
   }
-  absl::Status s = target_->RaiseOnNode(node, gsi, trigger, asserted, traced);
+  if (train.count != 0 || train.interval_us != 0) {
+    using transport::ControlPayload;
+    std::string why;
+    if (trigger != irqchip::TriggerMode::kEdge) {
+      why = "a train is edges only";
+    } else if (train.count == 0 || train.count > ControlPayload::kMaxTrainCount) {
+      why = fmt::format("count {} is outside 1..{}", train.count, ControlPayload::kMaxTrainCount);
+    } else if (train.interval_us < ControlPayload::kMinTrainIntervalUs ||
+               train.interval_us > ControlPayload::kMaxTrainIntervalUs) {
+      why = fmt::format("interval {} µs is outside {}..{} µs", train.interval_us, ControlPayload::kMinTrainIntervalUs,
+                        ControlPayload::kMaxTrainIntervalUs);
+    } else if (uint64_t{train.count} * train.interval_us > ControlPayload::kMaxTrainSpanUs) {
+      why = fmt::format("count x interval = {} s is over {} s", uint64_t{train.count} * train.interval_us / 1000000,
+                        ControlPayload::kMaxTrainSpanUs / 1000000);
+    }
+    if (!why.empty()) {
+      counters_.refused.Add();
+      return absl::InvalidArgumentError(fmt::format("doorbell: train on GSI {}: {}", gsi, why));
+    }
+  }
+  absl::Status s = target_->RaiseOnNode(node, gsi, trigger, asserted, traced, train);
   if (s.ok()) {
     counters_.rings.Add();
   } else {

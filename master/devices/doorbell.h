@@ -28,13 +28,20 @@
 
 namespace aggvm::master {
 
+/// A train of edges: `count` rings, one every `interval_us`, timed by the raising node itself (kControl raise-gsi
+/// with a count, transport/frame.h). count 0 = one ring, as without a train.
+struct RingTrain {
+  uint32_t count = 0;
+  uint32_t interval_us = 0;
+};
+
 /// Where the doorbell's rings go: the GlobalController, which sends the kRaiseGsi frame.
 class DoorbellTarget {
  public:
   virtual ~DoorbellTarget() = default;
   /// INVALID_ARGUMENT for a node that is not part of the VM, UNAVAILABLE if it is lost.
-  virtual absl::Status RaiseOnNode(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted,
-                                   bool traced) = 0;
+  virtual absl::Status RaiseOnNode(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced,
+                                   RingTrain train) = 0;
 };
 
 struct DoorbellCounters {
@@ -54,7 +61,9 @@ class Doorbell final : public PioDevice {
   explicit Doorbell(DoorbellTarget* target, uint16_t base = kDefaultBase) : target_(target), base_(base) {}
 
   /// Operator/test ring. Data-plane thread only (GlobalController::Ring gets it there).
-  absl::Status Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced = false);
+  /// A train (train.count > 0) must be edges, count <= 1000000, interval 10..1000000 µs, count x interval <= 600 s.
+  absl::Status Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, bool asserted, bool traced = false,
+                    RingTrain train = {});
 
   [[nodiscard]] std::string_view name() const override { return "doorbell"; }
   [[nodiscard]] uint16_t base() const override { return base_; }

@@ -90,6 +90,13 @@ inline transport::Frame GsiFrame(uint32_t gsi, bool level) {
   return f;
 }
 
+/// One rising edge in one frame (level InterruptPayload::kLevelEdge), as a node's RaiseEdge sends it.
+inline transport::Frame GsiEdgeFrame(uint32_t gsi) {
+  transport::Frame f = GsiFrame(gsi, true);
+  std::get<transport::InterruptPayload>(f.payload).level = transport::InterruptPayload::kLevelEdge;
+  return f;
+}
+
 inline transport::Frame EoiFrame(uint32_t vcpu, uint8_t vector, uint32_t gsi) {
   transport::Frame f;
   f.type = transport::FrameType::kEoi;

@@ -46,11 +46,16 @@ TEST(Experiment, RefusalsNameTheField) {
       {R"({"name": "x", "matrix": {"irqchip": ["user", "user"]}})", "'matrix.irqchip'"},
       {R"({"name": "x", "matrix": {"wait": ["busy"]}})", "'matrix.wait'"},
       {R"({"name": "x", "storm": {"rate_hz": 0}})", "'storm.rate_hz'"},
+      {R"({"name": "x", "storm": {"rate_hz": 200000}})", "'storm.rate_hz'"},
+      {R"({"name": "x", "storm": {"rate_hz": 100000, "seconds": 20}})", "'storm.seconds'"},
       {R"({"name": "x", "workload": "storm", "trace_cost": true})", "'trace_cost'"},
       {R"({"name": "x", "nodes": 1})", "'nodes'"},
       {R"({"name": "x", "workload": "ipi-broadcast", "broadcast_dest": "x2apic-logical"})", "'broadcast_dest'"},
       {R"({"name": "x", "broadcast_dest": 3})", "'broadcast_dest'"},
       {R"({"name": "x", "trace_cost_control": true})", "'trace_cost_control'"},
+      {R"({"name": "x", "pace_us": -1})", "'pace_us'"},
+      {R"({"name": "x", "pace_us": 2e6})", "'pace_us'"},
+      {R"({"name": "x", "workload": "ipi-pingpong", "pace_us": 3000})", "'pace_us'"},
       {R"([1, 2])", "'(top)'"},
   };
   for (const auto& c : cases) {
@@ -71,6 +76,18 @@ TEST(Experiment, BroadcastDestinationRoundTrips) {
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->broadcast_dest, "all-including-self");
   EXPECT_EQ(back->Expand().front().workload, "ipi-broadcast");
+}
+
+TEST(Experiment, PaceRoundTrips) {
+  auto e = Experiment::FromJsonString(R"({"name": "p", "trace_cost": true, "pace_us": 4000})");
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->pace_us, 4000);
+  auto back = Experiment::FromJson(e->ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->pace_us, 4000);
+  auto unpaced = Experiment::FromJsonString(R"({"name": "u"})");
+  ASSERT_TRUE(unpaced.ok());
+  EXPECT_EQ(unpaced->pace_us, 0) << "by default a ring follows as soon as the previous one's records are back";
 }
 
 }  // namespace

@@ -207,6 +207,22 @@ TEST(RdmaRxe, EventModeWaitWakesAndTimesOut) {
     ASSERT_EQ(*n, 1u) << "frame " << i;
     ASSERT_NO_FATAL_FAILURE(ExpectPing(buf[0], NodeId(1), i));
   }
+  // Wake from another thread ends a sleeping Wait (the master's operator commands rely on it); once consumed, the
+  // next Wait sleeps to its timeout again.
+  std::thread waker([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    p.b->Wake();
+  });
+  const auto w0 = Clock::now();
+  auto woken = p.b->Wait(buf, absl::Seconds(10));
+  waker.join();
+  ASSERT_TRUE(woken.ok()) << woken.status();
+  EXPECT_EQ(*woken, 0u);
+  EXPECT_LT(Clock::now() - w0, std::chrono::seconds(5)) << "Wait ran to its timeout despite the Wake";
+  const auto s0 = Clock::now();
+  auto slept = p.b->Wait(buf, absl::Milliseconds(200));
+  ASSERT_TRUE(slept.ok()) << slept.status();
+  EXPECT_GE(Clock::now() - s0, std::chrono::milliseconds(150)) << "a consumed Wake still ended the next Wait";
 }
 
 // Node 1 as an RdmaTransport, node 2 as a raw RC endpoint that can send any bytes.

@@ -444,6 +444,7 @@ absl::StatusOr<size_t> RdmaTransport::Wait(std::span<ReceivedFrame> out, absl::D
   for (;;) {
     auto r = Poll(out);
     if (!r.ok() || *r > 0) return r;
+    if (waker_.pending() && waker_.Consume()) return 0;
     const uint64_t elapsed = MonotonicNanos() - start;
     if (elapsed >= budget) return 0;
     if (options_.wait_mode == WaitMode::kBusyPoll) continue;
@@ -456,10 +457,11 @@ absl::StatusOr<size_t> RdmaTransport::Wait(std::span<ReceivedFrame> out, absl::D
     if (!r.ok() || *r > 0) return r;
     const uint64_t left = budget - std::min(budget, MonotonicNanos() - start);
     timespec ts{static_cast<time_t>(left / 1'000'000'000u), static_cast<long>(left % 1'000'000'000u)};
-    pollfd pfd{channel_->fd, POLLIN, 0};
-    const int rc = ppoll(&pfd, 1, &ts, nullptr);
+    pollfd pfd[2] = {{channel_->fd, POLLIN, 0}, {waker_.fd(), POLLIN, 0}};
+    const int rc = ppoll(pfd, waker_.fd() >= 0 ? 2 : 1, &ts, nullptr);
     if (rc < 0 && errno != EINTR) return absl::InternalError(Cat("ppoll failed: ", ErrnoText(errno)));
-    if (rc > 0) {
+    if (rc > 0 && (pfd[1].revents & POLLIN) != 0 && waker_.Consume()) return 0;
+    if (rc > 0 && (pfd[0].revents & POLLIN) != 0) {
       ibv_cq* cq = nullptr;
       void* cq_context = nullptr;
       if (ibv_get_cq_event(channel_.get(), &cq, &cq_context) == 0) recv_cq_.CountEvent();

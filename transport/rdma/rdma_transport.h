@@ -28,6 +28,7 @@
 #include "transport/rdma/bootstrap.h"
 #include "transport/rdma/verbs.h"
 #include "transport/transport.h"
+#include "transport/waker.h"
 
 namespace aggvm::transport::rdma {
 
@@ -63,6 +64,7 @@ class RdmaTransport final : public Transport {
   absl::Status Send(NodeId to, Frame& frame) override;
   absl::StatusOr<size_t> Poll(std::span<ReceivedFrame> out) override;
   absl::StatusOr<size_t> Wait(std::span<ReceivedFrame> out, absl::Duration timeout) override;
+  void Wake() override { waker_.Wake(); }
   void Close() override;
   TransportStats stats() const override;
   FrameError last_bad_frame(NodeId peer) const override;
@@ -106,6 +108,7 @@ class RdmaTransport final : public Transport {
   std::atomic<uint64_t> sequence_errors_{0};
   std::atomic<uint64_t> peers_lost_{0};  // incremented by whichever thread sees the loss first
   uint64_t losses_reported_ = 0;         // poller only
+  Waker waker_;                          // Wait's ppoll watches its eventfd next to the completion channel
 };
 
 }  // namespace aggvm::transport::rdma

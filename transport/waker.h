@@ -1,0 +1,54 @@
+// Waker: lets any thread end a transport's Wait early — the owner's polling thread then runs what was queued for it
+// (the master's operator commands: a doorbell ring, a policy switch) at once instead of after Wait's timeout.
+//
+// An eventfd the transport adds to what its Wait sleeps on (epoll set, ppoll set) plus a flag that busy-polling
+// loops read without a system call. Created with the transport and closed only when it is destroyed, so a Wake from
+// another thread never writes to a closed (or reused) descriptor.
+#pragma once
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace aggvm::transport {
+
+class Waker {
+ public:
+  Waker() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+  ~Waker() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Waker(const Waker&) = delete;
+  Waker& operator=(const Waker&) = delete;
+
+  /// Any thread. The flag first (release), so a waiter woken by the eventfd also sees it.
+  void Wake() noexcept {
+    pending_.store(true, std::memory_order_release);
+    if (fd_ >= 0) {
+      const uint64_t one = 1;
+      [[maybe_unused]] const ssize_t n = ::write(fd_, &one, sizeof one);  // EAGAIN only at 2^64-1: already readable
+    }
+  }
+  /// The waiting thread: true if a Wake came since the last Consume. Always drains the eventfd: a Wake whose flag
+  /// an earlier Consume already took may still have written it, and a readable eventfd with nothing behind it
+  /// would make every later sleep return at once.
+  bool Consume() noexcept {
+    const bool woken = pending_.exchange(false, std::memory_order_acq_rel);
+    if (fd_ >= 0) {
+      uint64_t v = 0;
+      [[maybe_unused]] const ssize_t n = ::read(fd_, &v, sizeof v);
+    }
+    return woken;
+  }
+  [[nodiscard]] bool pending() const noexcept { return pending_.load(std::memory_order_acquire); }
+  /// -1 if eventfd failed: then only the flag works (busy polling) and an event-mode Wait runs to its timeout.
+  [[nodiscard]] int fd() const noexcept { return fd_; }
+
+ private:
+  const int fd_;
+  std::atomic<bool> pending_{false};
+};
+
+}  // namespace aggvm::transport
