@@ -25,10 +25,15 @@ int main(int argc, char** argv) {
   app.add_option("--data-listen", opt.data_listen_address,
                  "data-plane (interrupt frames) listen address host:port, announced to the agents as NodeId 0")
       ->capture_default_str();
+  int rdma_port = 1;
+  app.add_option("--rdma-device", opt.rdma.device, "verbs device for VMs with transport rdma (default: the first)");
+  app.add_option("--rdma-port", rdma_port, "its port")->check(CLI::Range(1, 255))->capture_default_str();
+  app.add_option("--rdma-gid-index", opt.rdma.gid_index, "GID index (default: automatic, RoCE v2 IPv4 first)");
   app.add_option("--metrics-listen", opt.metrics_listen,
                  "host:port of a Prometheus /metrics endpoint (off unless given; port 0: any)");
   app.add_option("--guest", opt.default_image, "guest ELF for specs that name no image (default: this build's probe guest)");
   CLI11_PARSE(app, argc, argv);
+  opt.rdma.port = static_cast<uint8_t>(rdma_port);
   opt.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
   opt.agent_call_timeout = absl::Seconds(agent_timeout_s);
   opt.event_log = [](const std::string& line) { spdlog::info("{}", line); };

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "transport/rdma/verbs.h"
 
 namespace aggvm::master {
 
@@ -27,6 +28,8 @@ struct MasterOptions {
   /// PrepareVmRequest. Each running VM's data plane listens there (the nodes never dial it over TCP: the master
   /// dials them; a second VM running at the same time gets a free port of the same host).
   std::string data_listen_address = "0.0.0.0:7071";
+  /// The verbs device for VMs whose spec asks for TRANSPORT_KIND_RDMA (--rdma-device, --rdma-port, --rdma-gid-index).
+  transport::rdma::DeviceSelection rdma;
   /// Called with a one-line description of every event (node joined/lost, VM state, console), from one thread.
   std::function<void(const std::string&)> event_log;
   /// host:port of a Prometheus /metrics endpoint ("" = off; port 0 picks a free port, see metrics_port()). The

@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 
 #include "irqchip/destination.h"
+#include "transport/rdma/rdma_transport.h"
+#include "transport/rdma/tcp_bootstrap.h"
 #include "transport/tcp_transport.h"
 
 namespace aggvm::master {
@@ -99,6 +101,53 @@ absl::Status ApplyStaticRoutes(GlobalController& gc,
 
 // ------------------------------------------------------------------------------------------------------------------
 
+namespace {
+
+// The listen address with its port replaced by 0 (any free port of the same host), or "" if it has no port.
+std::string AnyPort(const std::string& address) {
+  const auto colon = address.rfind(':');
+  return colon == std::string::npos ? std::string() : address.substr(0, colon) + ":0";
+}
+
+// TCP: the master listens on `listen_address` (the nodes never dial it: the lower id dials, and the master is 0); if
+// it is taken (another VM's data plane), any port of the same host.
+absl::StatusOr<std::unique_ptr<transport::Transport>> OpenTcp(const VmDataPlaneOptions& o, transport::WaitMode mode,
+                                                             std::string& listening) {
+  transport::TcpTransportOptions to;
+  to.wait_mode = mode;
+  to.listen_address = o.listen_address;
+  auto t = transport::TcpTransport::Create(NodeId(0), to);
+  if (!t.ok() && t.status().code() == absl::StatusCode::kUnavailable && !AnyPort(to.listen_address).empty()) {
+    to.listen_address = AnyPort(to.listen_address);
+    t = transport::TcpTransport::Create(NodeId(0), to);
+  }
+  if (!t.ok()) return t.status();
+  listening = fmt::format("{}:{}", to.listen_address.substr(0, to.listen_address.rfind(':')), (*t)->listen_port());
+  return std::unique_ptr<transport::Transport>(*std::move(t));
+}
+
+// RDMA: one RC queue pair per node on the chosen verbs device, set up through a TCP bootstrap listening where the
+// TCP transport would (the same fallback to any port). With no device: UNAVAILABLE saying how to fix it.
+absl::StatusOr<std::unique_ptr<transport::Transport>> OpenRdma(const VmDataPlaneOptions& o, transport::WaitMode mode,
+                                                              std::string& listening) {
+  auto boot = transport::rdma::TcpBootstrap::Listen(NodeId(0), o.listen_address);
+  if (!boot.ok() && boot.status().code() == absl::StatusCode::kUnavailable && !AnyPort(o.listen_address).empty()) {
+    boot = transport::rdma::TcpBootstrap::Listen(NodeId(0), AnyPort(o.listen_address));
+  }
+  if (!boot.ok()) return boot.status();
+  const std::string address = (*boot)->address();
+  transport::rdma::RdmaOptions ro;
+  ro.self = NodeId(0);
+  ro.device = o.rdma;
+  ro.wait_mode = mode;
+  auto t = transport::rdma::RdmaTransport::Create(ro, *std::move(boot));
+  if (!t.ok()) return t.status();
+  listening = address;
+  return std::unique_ptr<transport::Transport>(*std::move(t));
+}
+
+}  // namespace
+
 struct VmDataPlane::Connector {
   std::unique_ptr<transport::Transport> transport;
   std::mutex mu;
@@ -111,11 +160,6 @@ struct VmDataPlane::Connector {
 absl::StatusOr<std::unique_ptr<VmDataPlane>> VmDataPlane::Begin(const v1::VmSpec& spec, const v1::Topology& topology,
                                                                 std::vector<VmNodeEndpoint> nodes,
                                                                 VmDataPlaneOptions options) {
-  if (spec.transport() == v1::TRANSPORT_KIND_RDMA) {
-    return absl::UnimplementedError(fmt::format(
-        "VM '{}': the master's data plane runs over tcp only for now (rdma is not wired into aggvm-master); use "
-        "transport: TRANSPORT_KIND_TCP", spec.name()));
-  }
   for (const auto& n : nodes) {
     if (n.tcp_address.empty()) {
       return absl::FailedPreconditionError(fmt::format(
@@ -129,25 +173,14 @@ absl::StatusOr<std::unique_ptr<VmDataPlane>> VmDataPlane::Begin(const v1::VmSpec
   dp->nodes_ = std::move(nodes);
   dp->options_ = std::move(options);
 
-  transport::TcpTransportOptions to;
-  to.wait_mode = spec.wait_mode() == v1::WAIT_MODE_BUSY_POLL ? transport::WaitMode::kBusyPoll
-                                                             : transport::WaitMode::kEvent;
-  to.listen_address = dp->options_.listen_address;
-  auto t = transport::TcpTransport::Create(NodeId(0), to);
-  if (!t.ok() && t.status().code() == absl::StatusCode::kUnavailable) {
-    // Taken (another VM's data plane): the nodes never dial the master, any port of that host does.
-    const auto colon = to.listen_address.rfind(':');
-    if (colon != std::string::npos) {
-      to.listen_address = to.listen_address.substr(0, colon) + ":0";
-      t = transport::TcpTransport::Create(NodeId(0), to);
-    }
-  }
+  const transport::WaitMode wait_mode = spec.wait_mode() == v1::WAIT_MODE_BUSY_POLL ? transport::WaitMode::kBusyPoll
+                                                                                  : transport::WaitMode::kEvent;
+  auto t = spec.transport() == v1::TRANSPORT_KIND_RDMA ? OpenRdma(dp->options_, wait_mode, dp->listen_address_)
+                                                       : OpenTcp(dp->options_, wait_mode, dp->listen_address_);
   if (!t.ok()) {
     return absl::Status(t.status().code(), fmt::format("VM '{}': cannot open the master's data-plane transport: {}",
                                                        spec.name(), std::string(t.status().message())));
   }
-  const auto colon = to.listen_address.rfind(':');
-  dp->listen_address_ = fmt::format("{}:{}", to.listen_address.substr(0, colon), (*t)->listen_port());
   auto connector = std::make_shared<Connector>();
   connector->transport = *std::move(t);
   dp->connector_ = connector;

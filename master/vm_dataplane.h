@@ -28,6 +28,7 @@
 #include "irqchip/router.h"
 #include "master/global_controller.h"
 #include "proto/aggvm.pb.h"
+#include "transport/rdma/verbs.h"
 #include "transport/transport.h"
 
 namespace aggvm::master {
@@ -63,12 +64,15 @@ struct VmDataPlaneOptions {
   ConsoleSink console;
   /// A node's data-plane connection was lost (data-plane thread, once per node). May be empty.
   std::function<void(NodeId, const absl::Status&)> on_node_lost;
+  /// The verbs device of a VM whose spec asks for TRANSPORT_KIND_RDMA (aggvm-master --rdma-device/-port/-gid-index).
+  /// Its queue pairs are set up through a TCP bootstrap on listen_address (the nodes' on their data-plane addresses).
+  transport::rdma::DeviceSelection rdma;
 };
 
 class VmDataPlane {
  public:
   /// Creates the transport and starts connecting to `nodes` in the background. Fails at once for a spec the data
-  /// plane cannot serve (RDMA: not wired in the master yet) or an address that cannot be bound.
+  /// plane cannot serve (RDMA with no verbs device: UNAVAILABLE naming the fix) or an address that cannot be bound.
   static absl::StatusOr<std::unique_ptr<VmDataPlane>> Begin(const v1::VmSpec& spec, const v1::Topology& topology,
                                                             std::vector<VmNodeEndpoint> nodes,
                                                             VmDataPlaneOptions options);
