@@ -699,6 +699,7 @@ std::map<std::string, uint64_t> ClusterVmHost::Stats() {
       {"trains", c.trains},                   {"train_raises", c.train_raises}};
   for (auto [k, v] : lc_counters) m[fmt::format("local_controller.{}", k)] = v;
   m["local_controller.train_late"] = r.lc->train_late();
+  m["local_controller.train_skipped"] = r.lc->train_skipped();
   m["trace_reporter.pushed"] = r.traces->pushed();
   m["trace_reporter.dropped"] = r.traces->dropped();
   m["trace_reporter.flushed"] = r.traces->flushed();

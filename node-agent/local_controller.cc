@@ -372,14 +372,23 @@ void LocalController::OnGuestEoi(VcpuIndex vcpu, Vector vector) {
 absl::StatusOr<size_t> LocalController::PollOnce() { return Handle(transport_->Poll(batch_)); }
 
 absl::Status LocalController::Run(std::stop_token stop) {
+  absl::Status result;
   while (!stop.stop_requested()) {
     auto n = config_.wait_mode == transport::WaitMode::kBusyPoll ? transport_->Poll(batch_)
                                                                   : transport_->Wait(batch_, config_.idle_wait);
     auto handled = Handle(std::move(n));
-    if (!handled.ok()) return handled.status();
-    if (master_lost()) return absl::UnavailableError("the master left the data plane (goodbye)");
+    if (!handled.ok()) {
+      result = handled.status();
+      break;
+    }
+    if (master_lost()) {
+      result = absl::UnavailableError("the master left the data plane (goodbye)");
+      break;
+    }
   }
-  return absl::OkStatus();
+  // The train is a sender too: it must be gone before the owner closes the transport (which follows Run's end).
+  train_.Stop();
+  return result;
 }
 
 absl::StatusOr<size_t> LocalController::Handle(absl::StatusOr<size_t> polled) {

@@ -135,7 +135,7 @@ class LocalController {
   LocalController& operator=(const LocalController&) = delete;
 
   // --- device side, any thread ---
-  /// One rising edge of `gsi` (assert + deassert).
+  /// One rising edge of `gsi`: one frame, level kLevelEdge (the master asserts and deasserts the pin).
   absl::Status RaiseEdge(Gsi gsi, bool traced = false);
   /// Sets a level-triggered `gsi`'s input level; nothing is sent when it already has that level.
   absl::Status SetLevel(Gsi gsi, bool asserted, bool traced = false);
@@ -180,9 +180,13 @@ class LocalController {
   [[nodiscard]] const LocalControllerConfig& config() const { return config_; }
   /// The GSI of the level-triggered delivery of `vector` pending an EOI on `vcpu`, if any.
   [[nodiscard]] std::optional<Gsi> pending_level(VcpuIndex vcpu, Vector vector) const;
-  /// The doorbell train's late raises (started more than one interval after their deadline).
+  /// The doorbell train's wake-ups more than one interval behind a deadline (late) and the edges dropped because of
+  /// them (skipped: a device that stalled raises once and goes on on schedule).
   [[nodiscard]] uint64_t train_late() const { return train_.late(); }
+  [[nodiscard]] uint64_t train_skipped() const { return train_.skipped(); }
   [[nodiscard]] bool train_running() const { return train_.running(); }
+  /// Stops a running train and waits for it (Run does this when it returns). Not from inside the train's raise.
+  void StopTrain() { train_.Stop(); }
 
  private:
   LocalController(LocalControllerConfig config, transport::Transport* transport, VmPort* vm);

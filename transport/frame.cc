@@ -1,15 +1,15 @@
 // Frame codec: explicit byte-wise little-endian (de)serialisation of the 64-byte wire frame (layout in frame.h).
 //
 // Payload layouts (offsets in the frame; every byte not listed is padding and must be zero):
-//   kInterrupt   10 kind u8 | 11 level u8 | 12 gsi u32 | 16 msi_address u64 | 24 msi_data u32
+//   kInterrupt   10 kind u8 | 11 level u8 (0, 1, 2 = one edge) | 12 gsi u32 | 16 msi_address u64 | 24 msi_data u32
 //   kDeliver     10 vcpu u32 | 14 vector u8 | 15 mode u8 | 16 level_triggered u8 | 18 gsi u32 | 22 ipi_source u32
 //   kIpi         10 source_vcpu u32 (0xffffffff: proxy-resolved, physical only) | 14 destination u32 | 18 vector u8 | 19 mode u8 | 20 dest_logical u8
 //                | 21 shorthand u8 | 22 level u8 | 23 trigger_level u8
 //   kEoi         10 vcpu u32 | 14 vector u8 | 16 gsi u32
 //   kIo*         10 access u8 (bit 0 space, bit 1 write, bits 3:2 log2 size) | 11 status u8 | 12 vcpu u32
 //                | 16 address u64 | 24 data u64
-//   kControl     10 op u8 | 12 arg0 u64 | 20 arg1 u64   (op 4 raise-gsi: arg0 GSI, arg1 ControlPayload::kRaise* bits;
-//                op 5 priority: arg0 vCPU, arg1 PPR)
+//   kControl     10 op u8 | 12 arg0 u64 | 20 arg1 u64   (op 4 raise-gsi: arg0 GSI, arg1 ControlPayload::kRaise* bits
+//                in 0..7, a train's count in 8..31 and interval µs in 32..63; op 5 priority: arg0 vCPU, arg1 PPR)
 // Trace block: 32 trace_id u32 | 36 raised u64 | 44..63 five u32 deltas from raised (0 = hop not reached).
 #include "transport/frame.h"
 

@@ -582,6 +582,8 @@ absl::StatusOr<size_t> TcpTransport::Wait(std::span<ReceivedFrame> out, absl::Du
   }
   if (n > 0) return n;
   if (auto r = Finish(0); !r.ok()) return r;
+  // A Wake whose eventfd write an earlier Consume already drained left only the flag: honour it without sleeping.
+  if (waker_.pending() && waker_.Consume()) return size_t{0};
   for (;;) {
     const uint64_t elapsed = MonotonicNanos() - start;
     const int ms = elapsed >= limit ? 0 : static_cast<int>(std::min<uint64_t>((limit - elapsed + 999'999) / 1'000'000,

@@ -1,5 +1,7 @@
 #include "lab/runner/experiment.h"
 
+#include <cmath>
+
 #include <algorithm>
 #include <set>
 
@@ -129,11 +131,15 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
                    GetDouble(*st, "seconds", "storm.", 0.01, 600, e.storm_seconds)}) {
       if (!s.ok()) return s;
     }
-    if (e.storm_rate_hz * e.storm_seconds > 1e6) {
-      return Invalid("storm.seconds", fmt::format("rate_hz x seconds = {} edges; at most 1000000",
-                                                  e.storm_rate_hz * e.storm_seconds));
+    // Checked on the values the runner sends: the rounded interval and count.
+    const double interval_us = std::round(1e6 / e.storm_rate_hz), count = std::round(e.storm_rate_hz * e.storm_seconds);
+    if (count > 1e6) {
+      return Invalid("storm.seconds", fmt::format("rate_hz x seconds = {} edges; at most 1000000", count));
     }
-    if (e.storm_rate_hz * e.storm_seconds < 1) return Invalid("storm.seconds", "rate_hz x seconds must be >= 1 edge");
+    if (count < 1) return Invalid("storm.seconds", "rate_hz x seconds must be >= 1 edge");
+    if (count * interval_us > 600e6) {
+      return Invalid("storm.seconds", fmt::format("{} edges {} µs apart take over 600 s", count, interval_us));
+    }
   }
   if (auto m = j.find("matrix"); m != j.end()) {
     if (!m->is_object()) return Invalid("matrix", "must be an object");

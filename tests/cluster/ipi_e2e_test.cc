@@ -405,7 +405,9 @@ TEST_P(IpiLowestPriorityE2e, LowestPriorityGoesToTheVcpuTheArbitrationNames) {
   const uint32_t sdm_winner = d[0].vcpu.value();
   ASSERT_EQ(sdm_winner, 4u) << "the lowest TPR of the set";
   const std::optional<uint32_t> kvm_winner = KvmVectorHashingWinner(kVector, kDest);
-  if (kvm_winner) ASSERT_EQ(*kvm_winner, 3u) << "0x52 mod 5 = 2: the third of vCPUs 1..5";
+  if (kvm_winner) {
+    ASSERT_EQ(*kvm_winner, 3u) << "0x52 mod 5 = 2: the third of vCPUs 1..5";
+  }
 
   RunningVm vm(*cluster, spec);
   ASSERT_TRUE(vm.ok());

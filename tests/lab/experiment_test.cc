@@ -48,6 +48,7 @@ TEST(Experiment, RefusalsNameTheField) {
       {R"({"name": "x", "storm": {"rate_hz": 0}})", "'storm.rate_hz'"},
       {R"({"name": "x", "storm": {"rate_hz": 200000}})", "'storm.rate_hz'"},
       {R"({"name": "x", "storm": {"rate_hz": 100000, "seconds": 20}})", "'storm.seconds'"},
+      {R"({"name": "x", "storm": {"rate_hz": 1.5, "seconds": 600}})", "'storm.seconds'"},  // 900 x 666667 µs
       {R"({"name": "x", "workload": "storm", "trace_cost": true})", "'trace_cost'"},
       {R"({"name": "x", "nodes": 1})", "'nodes'"},
       {R"({"name": "x", "workload": "ipi-broadcast", "broadcast_dest": "x2apic-logical"})", "'broadcast_dest'"},

@@ -455,6 +455,7 @@ absl::StatusOr<size_t> RdmaTransport::Wait(std::span<ReceivedFrame> out, absl::D
     }
     r = Poll(out);
     if (!r.ok() || *r > 0) return r;
+    if (waker_.pending() && waker_.Consume()) return 0;
     const uint64_t left = budget - std::min(budget, MonotonicNanos() - start);
     timespec ts{static_cast<time_t>(left / 1'000'000'000u), static_cast<long>(left % 1'000'000'000u)};
     pollfd pfd[2] = {{channel_->fd, POLLIN, 0}, {waker_.fd(), POLLIN, 0}};
