@@ -145,6 +145,8 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
     v1::GuestRecord irq, trace;
   };
   std::vector<Raw> raw;
+  std::vector<v1::GuestRecord> train_irqs, train_traces;  // train source: every record, paired by time below
+  uint64_t train_rpc_ns = 0;
   size_t next_irq = watch.count(kIrqRecord), next_trace = watch.count(agent::kTraceRecordType);
   const ClockPair first = ReadPair();
   const absl::Time end = absl::Now() + absl::Seconds(max_seconds);
@@ -173,17 +175,17 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
       req.set_traced(false);
       (void)Call([&](grpc::ClientContext& c) { return stub->RingDoorbell(&c, req, &resp); }, 5);
     }
-    // Edges are raised, routed and injected in order, one in flight at a time: the i-th IRQ record and the i-th
-    // trace record belong to the i-th edge. A pair whose handler does not fall after its own `raised` and before
-    // the next edge was due is rejected below.
+    // Paired by time once the TSC rate is known (below): a record missing on one side must not shift every later pair.
     const size_t irqs = watch.count(kIrqRecord) - next_irq, traces = watch.count(agent::kTraceRecordType) - next_trace;
-    const size_t got = std::min(irqs, traces);
-    out.lost = total > got ? total - got : 0;
-    for (size_t i = warmup; i < got; ++i) {
-      auto irq = watch.RecordAt(kIrqRecord, next_irq + i, absl::ZeroDuration());
-      auto trace = watch.RecordAt(agent::kTraceRecordType, next_trace + i, absl::ZeroDuration());
-      if (irq && trace) raw.push_back({rpc_ns, first, *irq, *trace});
+    for (size_t i = 0; i < irqs; ++i) {
+      if (auto irq = watch.RecordAt(kIrqRecord, next_irq + i, absl::ZeroDuration())) train_irqs.push_back(*irq);
     }
+    for (size_t i = 0; i < traces; ++i) {
+      if (auto t = watch.RecordAt(agent::kTraceRecordType, next_trace + i, absl::ZeroDuration())) {
+        train_traces.push_back(*t);
+      }
+    }
+    train_rpc_ns = rpc_ns;
   }
   for (size_t i = 0; train_interval_us == 0 && i < warmup + samples && !StopRequested() && absl::Now() < end; ++i) {
     const v1::RingDoorbellRequest req = TracedRing();
@@ -214,6 +216,27 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
   if (last.ns <= first.ns + 1'000'000) return absl::InternalError("the run was too short to fit the TSC rate");
   const double tsc_per_ns = static_cast<double>(last.tsc - first.tsc) / static_cast<double>(last.ns - first.ns);
   out.fitted_tsc_khz = tsc_per_ns * 1e6;
+  if (train_interval_us > 0) {
+    // Each edge's trace record (by its `raised`) with the IRQ record whose handler entry falls after it and within
+    // one interval: edges are one interval apart, so at most one does. Unmatched edges count as lost.
+    auto handler_of = [&](const v1::GuestRecord& r) {
+      return static_cast<double>(first.ns) +
+             (static_cast<double>(r.b()) - static_cast<double>(first.tsc)) / tsc_per_ns;
+    };
+    std::sort(train_traces.begin(), train_traces.end(), [](const auto& a, const auto& b) { return a.a() < b.a(); });
+    std::sort(train_irqs.begin(), train_irqs.end(), [](const auto& a, const auto& b) { return a.b() < b.b(); });
+    size_t j = 0, matched = 0;
+    for (size_t i = 0; i < train_traces.size(); ++i) {
+      const double raised = static_cast<double>(train_traces[i].a());
+      while (j < train_irqs.size() && handler_of(train_irqs[j]) <= raised) ++j;
+      if (j == train_irqs.size() || handler_of(train_irqs[j]) >= raised + train_interval_us * 1e3) continue;
+      matched += 1;
+      if (i >= warmup) raw.push_back({train_rpc_ns, first, train_irqs[j], train_traces[i]});
+      ++j;
+    }
+    const size_t total = warmup + samples;
+    out.lost = total > matched ? total - matched : 0;
+  }
 
   for (const auto& r : raw) {
     if (r.irq.a() != kVector || r.irq.vcpu() != kTargetVcpu || r.irq.node() != "node-b") {
