@@ -611,9 +611,6 @@ grpc::Status MasterService::RingDoorbell(grpc::ServerContext*, const v1::RingDoo
     return Error(grpc::StatusCode::INVALID_ARGUMENT,
                  "asserted: an edge doorbell is one rising edge; deassert only applies to --level");
   }
-  if ((req->count() != 0 || req->interval_us() != 0) && req->level()) {
-    return Error(grpc::StatusCode::INVALID_ARGUMENT, "count: a train of rings is edges only (not with level)");
-  }
   resp->set_node_id(node->id.value());
   resp->set_sent_ns(MonotonicNanos());
   const absl::Status st =

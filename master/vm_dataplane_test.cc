@@ -9,25 +9,17 @@
 
 #include "irqchip/ioapic.h"
 #include "master/vm_spec.h"
+#include "tests/support/data_plane_spec.h"
 #include "transport/tcp_transport.h"
 
 namespace aggvm::master {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::TopologyByPlacementOrder;
 
 v1::VmSpec TwoNodeSpec() {
-  v1::VmSpec spec;
-  spec.set_name("dp");
-  spec.set_vcpus(4);
-  for (int i = 0; i < 2; ++i) {
-    auto* p = spec.add_placement();
-    p->set_node(i == 0 ? "a" : "b");
-    p->add_vcpus(2 * i);
-    p->add_vcpus(2 * i + 1);
-  }
-  spec.mutable_image()->set_path("/nonexistent");  // not read by the data plane
-  spec.set_wait_mode(v1::WAIT_MODE_EVENT);
+  v1::VmSpec spec = testing::TwoNodeDataPlaneSpec("dp");
   auto* r = spec.add_interrupt_routes();
   r->set_gsi(4);
   r->set_vector(0x44);
@@ -46,24 +38,10 @@ v1::VmSpec TwoNodeSpec() {
   return spec;
 }
 
-v1::Topology TopologyOf(const v1::VmSpec& spec) {
-  v1::Topology t;
-  t.set_vm(spec.name());
-  for (int i = 0; i < spec.placement_size(); ++i) {
-    for (uint32_t v : spec.placement(i).vcpus()) {
-      auto* vp = t.add_vcpus();
-      vp->set_vcpu(v);
-      vp->set_node(spec.placement(i).node());
-      vp->set_node_id(static_cast<uint32_t>(i + 1));
-      vp->set_apic_id(v);
-    }
-  }
-  return t;
-}
 
 TEST(ControllerConfigFromSpec, MapsTopologyRoutesAndPolicy) {
   const v1::VmSpec spec = TwoNodeSpec();
-  auto c = ControllerConfigFromSpec(spec, TopologyOf(spec));
+  auto c = ControllerConfigFromSpec(spec, TopologyByPlacementOrder(spec));
   ASSERT_TRUE(c.ok()) << c.status();
   ASSERT_EQ(c->vcpus.size(), 4u);
   EXPECT_EQ(c->vcpus[3].node, NodeId(2));
@@ -83,7 +61,7 @@ TEST(ControllerConfigFromSpec, MapsTopologyRoutesAndPolicy) {
 
 TEST(ControllerConfigFromSpec, RefusesATopologyThatDoesNotMatchTheSpec) {
   v1::VmSpec spec = TwoNodeSpec();
-  v1::Topology t = TopologyOf(spec);
+  v1::Topology t = TopologyByPlacementOrder(spec);
   t.mutable_vcpus()->RemoveLast();
   auto c = ControllerConfigFromSpec(spec, t);
   ASSERT_FALSE(c.ok());
@@ -159,7 +137,7 @@ TEST(VmDataPlane, DialsTheNodesRingsAndReportsALostNode) {
     std::lock_guard l(mu);
     lost.emplace_back(n, std::string(why.message()));
   };
-  auto dp = VmDataPlane::Begin(spec, TopologyOf(spec), endpoints, o);
+  auto dp = VmDataPlane::Begin(spec, TopologyByPlacementOrder(spec), endpoints, o);
   ASSERT_TRUE(dp.ok()) << dp.status();
   EXPECT_THAT((*dp)->listen_address(), HasSubstr("127.0.0.1:"));
   // The nodes connect after Begin returned (as agents do during PrepareVm).
@@ -222,7 +200,7 @@ TEST(VmDataPlane, ActivateNamesTheNodeThatNeverAnswered) {
   VmDataPlaneOptions o;
   o.listen_address = "127.0.0.1:0";
   o.connect_timeout = absl::Milliseconds(300);
-  auto dp = VmDataPlane::Begin(spec, TopologyOf(spec), endpoints, o);
+  auto dp = VmDataPlane::Begin(spec, TopologyByPlacementOrder(spec), endpoints, o);
   ASSERT_TRUE(dp.ok()) << dp.status();
   const absl::Status st = (*dp)->Activate();
   ASSERT_FALSE(st.ok());
@@ -237,8 +215,8 @@ TEST(VmDataPlane, RdmaWithoutADeviceIsRefusedWithAClearMessage) {
   spec.set_transport(v1::TRANSPORT_KIND_RDMA);
   VmDataPlaneOptions o;
   o.listen_address = "127.0.0.1:0";
-  auto dp = VmDataPlane::Begin(spec, TopologyOf(spec), {{NodeId(1), "a", "127.0.0.1:1"}, {NodeId(2), "b", "127.0.0.1:1"}},
-                               o);
+  const std::vector<VmNodeEndpoint> nodes{{NodeId(1), "a", "127.0.0.1:1"}, {NodeId(2), "b", "127.0.0.1:1"}};
+  auto dp = VmDataPlane::Begin(spec, TopologyByPlacementOrder(spec), nodes, o);
   if (dp.ok()) GTEST_SKIP() << "skipping: this host has an RDMA device (the refusal needs a host without one)";
   EXPECT_EQ(dp.status().code(), absl::StatusCode::kUnavailable) << dp.status();
   EXPECT_THAT(dp.status().message(), HasSubstr("no RDMA device found"));

@@ -48,9 +48,11 @@ void IrqProbe::OnRecord(VcpuIndex index, const Record& r) {
   guest_entry_tsc_.store(r.b, std::memory_order_relaxed);
   last_vcpu_.store(index.value(), std::memory_order_relaxed);
   last_vector_.store(static_cast<uint32_t>(r.a), std::memory_order_relaxed);
-  irq_count_.fetch_add(1, std::memory_order_release);
-  { std::lock_guard l(wait_mu_); }  // a sleeping Measure either sees the count or is already waiting
-  wait_cv_.notify_all();
+  irq_count_.fetch_add(1, std::memory_order_seq_cst);  // seq_cst: ordered with the sleeping_waiter_ load below
+  if (sleeping_waiter_.load(std::memory_order_seq_cst)) {  // only a Waiter::kSleep Measure pays for this
+    { std::lock_guard l(wait_mu_); }  // a sleeping Measure either sees the count or is already waiting
+    wait_cv_.notify_all();
+  }
 }
 
 absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex target, Vector vector, size_t samples,
@@ -92,6 +94,7 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
     // that on a host with few cores the woken vCPU thread is not left waiting for a scheduler tick behind us.
     while (irq_count_.load(std::memory_order_acquire) == before) {
       if (waiter == Waiter::kSleep) {
+        sleeping_waiter_.store(true, std::memory_order_seq_cst);  // before the count is read again under the lock
         std::unique_lock l(wait_mu_);
         wait_cv_.wait_for(l, std::chrono::milliseconds(100),
                           [&] { return irq_count_.load(std::memory_order_acquire) != before; });

@@ -52,6 +52,7 @@ class IrqProbe {
   std::atomic<uint64_t> guest_entry_tsc_{0};
   std::atomic<uint32_t> last_vcpu_{0};
   std::atomic<uint32_t> last_vector_{0};
+  std::atomic<bool> sleeping_waiter_{false};  // set once a Waiter::kSleep Measure waits: OnRecord then notifies
   std::mutex wait_mu_;  // Waiter::kSleep: taken by OnRecord before notifying, so no wake-up is lost
   std::condition_variable wait_cv_;
 };

@@ -185,8 +185,6 @@ class LocalController {
   [[nodiscard]] uint64_t train_late() const { return train_.late(); }
   [[nodiscard]] uint64_t train_skipped() const { return train_.skipped(); }
   [[nodiscard]] bool train_running() const { return train_.running(); }
-  /// Stops a running train and waits for it (Run does this when it returns). Not from inside the train's raise.
-  void StopTrain() { train_.Stop(); }
 
  private:
   LocalController(LocalControllerConfig config, transport::Transport* transport, VmPort* vm);

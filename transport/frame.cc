@@ -235,15 +235,9 @@ FrameError ValidateControl(const ControlPayload& p) {
       if ((p.arg1 & ControlPayload::kRaiseLevel) != 0) {
         return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi train: edges only (bit 0 level must be clear)");
       }
-      if (count == 0 || count > ControlPayload::kMaxTrainCount) {
-        return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi train: the count (bits 8..31) must be 1..1000000");
-      }
-      if (interval < ControlPayload::kMinTrainIntervalUs || interval > ControlPayload::kMaxTrainIntervalUs) {
-        return Bad(kT, FrameField::kArg1, p.arg1,
-                   "raise-gsi train: the interval (bits 32..63) must be 10..1000000 µs");
-      }
-      if (uint64_t{count} * interval > ControlPayload::kMaxTrainSpanUs) {
-        return Bad(kT, FrameField::kArg1, p.arg1, "raise-gsi train: count x interval must be at most 600 s");
+      // Bits 8..31 count, 32..63 interval (ControlPayload::TrainBits).
+      if (const std::string_view why = ControlPayload::TrainProblem(count, interval); !why.empty()) {
+        return Bad(kT, FrameField::kArg1, p.arg1, why.data());
       }
     }
   }

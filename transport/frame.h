@@ -141,6 +141,17 @@ struct ControlPayload {          // FrameType::kControl
     return static_cast<uint32_t>((arg1 & kTrainCountMask) >> kTrainCountShift);
   }
   static constexpr uint32_t TrainIntervalUs(uint64_t arg1) { return static_cast<uint32_t>(arg1 >> kTrainIntervalShift); }
+  /// The one rule for a train's count and interval (frame decoder, master doorbell, experiment files): "" when they
+  /// are acceptable, else what is wrong (a string literal: NUL-terminated, no allocation). A train of levels is
+  /// refused by the callers, which know the trigger.
+  static constexpr std::string_view TrainProblem(uint32_t count, uint32_t interval_us) {
+    if (count == 0 || count > kMaxTrainCount) return "the count must be 1..1000000";
+    if (interval_us < kMinTrainIntervalUs || interval_us > kMaxTrainIntervalUs) {
+      return "the interval must be 10..1000000 µs";
+    }
+    if (uint64_t{count} * interval_us > kMaxTrainSpanUs) return "count x interval must be at most 600 s";
+    return {};
+  }
 };
 
 /// Per-hop timestamps in CLOCK_MONOTONIC ns (absolute; the wire carries deltas from `raised`). 0 = not reached.

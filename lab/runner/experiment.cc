@@ -1,12 +1,13 @@
 #include "lab/runner/experiment.h"
 
-#include <cmath>
-
 #include <algorithm>
+#include <cmath>
 #include <set>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include "transport/frame.h"
 
 namespace aggvm::lab::runner {
 namespace {
@@ -133,12 +134,11 @@ absl::StatusOr<Experiment> Experiment::FromJson(const nlohmann::json& j) {
     }
     // Checked on the values the runner sends: the rounded interval and count.
     const double interval_us = std::round(1e6 / e.storm_rate_hz), count = std::round(e.storm_rate_hz * e.storm_seconds);
-    if (count > 1e6) {
-      return Invalid("storm.seconds", fmt::format("rate_hz x seconds = {} edges; at most 1000000", count));
-    }
-    if (count < 1) return Invalid("storm.seconds", "rate_hz x seconds must be >= 1 edge");
-    if (count * interval_us > 600e6) {
-      return Invalid("storm.seconds", fmt::format("{} edges {} µs apart take over 600 s", count, interval_us));
+    if (const std::string_view why = transport::ControlPayload::TrainProblem(
+            static_cast<uint32_t>(count), static_cast<uint32_t>(interval_us));  // both far below 2^32 here
+        !why.empty()) {
+      return Invalid("storm.seconds",
+                     fmt::format("{} edges {} µs apart (rate_hz x seconds): {}", count, interval_us, why));
     }
   }
   if (auto m = j.find("matrix"); m != j.end()) {

@@ -1,6 +1,6 @@
 #include "master/devices/doorbell.h"
 
-#include <string>
+#include <string_view>
 
 #include <fmt/format.h>
 
@@ -29,23 +29,14 @@ absl::Status Doorbell::Ring(NodeId node, Gsi gsi, irqchip::TriggerMode trigger, 
         fmt::format("doorbell: an edge on GSI {} is always an assertion; deassert only a level interrupt", gsi));
   }
   if (train.count != 0 || train.interval_us != 0) {
-    using transport::ControlPayload;
-    std::string why;
-    if (trigger != irqchip::TriggerMode::kEdge) {
-      why = "a train is edges only";
-    } else if (train.count == 0 || train.count > ControlPayload::kMaxTrainCount) {
-      why = fmt::format("count {} is outside 1..{}", train.count, ControlPayload::kMaxTrainCount);
-    } else if (train.interval_us < ControlPayload::kMinTrainIntervalUs ||
-               train.interval_us > ControlPayload::kMaxTrainIntervalUs) {
-      why = fmt::format("interval {} µs is outside {}..{} µs", train.interval_us, ControlPayload::kMinTrainIntervalUs,
-                        ControlPayload::kMaxTrainIntervalUs);
-    } else if (uint64_t{train.count} * train.interval_us > ControlPayload::kMaxTrainSpanUs) {
-      why = fmt::format("count x interval = {} s is over {} s", uint64_t{train.count} * train.interval_us / 1000000,
-                        ControlPayload::kMaxTrainSpanUs / 1000000);
-    }
+    const std::string_view why = trigger != irqchip::TriggerMode::kEdge
+                                     ? std::string_view("a train is edges only")
+                                     : transport::ControlPayload::TrainProblem(train.count, train.interval_us);
     if (!why.empty()) {
       counters_.refused.Add();
-      return absl::InvalidArgumentError(fmt::format("doorbell: train on GSI {}: {}", gsi, why));
+      return absl::InvalidArgumentError(
+          fmt::format("doorbell: train on GSI {} (count {}, interval {} µs = {} s): {}", gsi, train.count,
+                      train.interval_us, uint64_t{train.count} * train.interval_us / 1'000'000, why));
     }
   }
   absl::Status s = target_->RaiseOnNode(node, gsi, trigger, asserted, traced, train);

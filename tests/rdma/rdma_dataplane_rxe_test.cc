@@ -15,6 +15,7 @@
 #include "master/vm_dataplane.h"
 #include "node-agent/local_controller.h"
 #include "tests/dataplane/cluster.h"
+#include "tests/support/data_plane_spec.h"
 #include "transport/rdma/rdma_transport.h"
 #include "transport/rdma/tcp_bootstrap.h"
 
@@ -29,18 +30,8 @@ using transport::rdma::TcpBootstrap;
 constexpr uint32_t kEdgeGsi = 4, kLevelGsi = 5, kTarget = 3;  // vCPU 3 runs on node 2
 
 v1::VmSpec Spec() {
-  v1::VmSpec spec;
-  spec.set_name("rdma-dp");
-  spec.set_vcpus(4);
-  for (int i = 0; i < 2; ++i) {
-    auto* p = spec.add_placement();
-    p->set_node(i == 0 ? "a" : "b");
-    p->add_vcpus(2 * i);
-    p->add_vcpus(2 * i + 1);
-  }
-  spec.mutable_image()->set_path("/nonexistent");  // not read by the data plane
+  v1::VmSpec spec = TwoNodeDataPlaneSpec("rdma-dp");
   spec.set_transport(v1::TRANSPORT_KIND_RDMA);
-  spec.set_wait_mode(v1::WAIT_MODE_EVENT);
   for (uint32_t gsi : {kEdgeGsi, kLevelGsi}) {
     auto* r = spec.add_interrupt_routes();
     r->set_gsi(gsi);
@@ -51,21 +42,6 @@ v1::VmSpec Spec() {
     r->set_trigger(gsi == kEdgeGsi ? v1::INTERRUPT_TRIGGER_EDGE : v1::INTERRUPT_TRIGGER_LEVEL);
   }
   return spec;
-}
-
-v1::Topology TopologyOf(const v1::VmSpec& spec) {
-  v1::Topology t;
-  t.set_vm(spec.name());
-  for (int i = 0; i < spec.placement_size(); ++i) {
-    for (uint32_t v : spec.placement(i).vcpus()) {
-      auto* vp = t.add_vcpus();
-      vp->set_vcpu(v);
-      vp->set_node(spec.placement(i).node());
-      vp->set_node_id(static_cast<uint32_t>(i + 1));
-      vp->set_apic_id(v);
-    }
-  }
-  return t;
 }
 
 struct Node {
@@ -97,7 +73,7 @@ TEST(RdmaDataplaneRxe, MasterAndTwoNodesOverVerbs) {
   master::VmDataPlaneOptions o;
   o.listen_address = "127.0.0.1:0";
   o.connect_timeout = absl::Seconds(60);
-  auto dp = master::VmDataPlane::Begin(spec, TopologyOf(spec), endpoints, o);
+  auto dp = master::VmDataPlane::Begin(spec, TopologyByPlacementOrder(spec), endpoints, o);
   ASSERT_TRUE(dp.ok()) << dp.status();
   std::vector<std::thread> connects;
   absl::Status results[2];
