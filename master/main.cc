@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/thread.h"
 #include "master/master_server.h"
 
 int main(int argc, char** argv) {
@@ -32,7 +33,22 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-listen", opt.metrics_listen,
                  "host:port of a Prometheus /metrics endpoint (off unless given; port 0: any)");
   app.add_option("--guest", opt.default_image, "guest ELF for specs that name no image (default: this build's probe guest)");
+  std::string cpus, dataplane_cpus;
+  app.add_option("--cpus", cpus, "CPUs the master's threads may run on, e.g. 0-1,4 (default: all it may use)");
+  app.add_option("--dataplane-cpus", dataplane_cpus,
+                 "CPUs of each VM's data-plane thread (the global interrupt controller; default: as --cpus)");
   CLI11_PARSE(app, argc, argv);
+  auto process_cpus = aggvm::CpuListFlag("--cpus", cpus);
+  auto dp_cpus = aggvm::CpuListFlag("--dataplane-cpus", dataplane_cpus);
+  for (const auto* s : {&process_cpus.status(), &dp_cpus.status()}) {
+    if (!s->ok()) {
+      spdlog::error("{}", std::string(s->message()));
+      return 2;
+    }
+  }
+  opt.dataplane_cpus = *dp_cpus;
+  // Before any thread starts: every thread inherits the main thread's CPUs.
+  if (!process_cpus->empty()) (void)aggvm::PinThisThread(*process_cpus);
   opt.rdma.port = static_cast<uint8_t>(rdma_port);
   opt.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
   opt.agent_call_timeout = absl::Seconds(agent_timeout_s);
@@ -50,8 +66,10 @@ int main(int argc, char** argv) {
     spdlog::error("{}", std::string(server.status().message()));
     return 1;
   }
-  spdlog::info("aggvm-master listening on port {} (heartbeat {} ms, LOST after {} missed); data plane {}",
-               (*server)->port(), heartbeat_ms, opt.lost_after_intervals, opt.data_listen_address);
+  spdlog::info("aggvm-master listening on port {} (heartbeat {} ms, LOST after {} missed); data plane {}{}{}",
+               (*server)->port(), heartbeat_ms, opt.lost_after_intervals, opt.data_listen_address,
+               process_cpus->empty() ? "" : "; CPUs " + aggvm::FormatCpuList(*process_cpus),
+               dp_cpus->empty() ? "" : ", data-plane threads on CPUs " + aggvm::FormatCpuList(*dp_cpus));
   if ((*server)->metrics_port() != 0) {
     spdlog::info("metrics on {} (port {}), GET /metrics", opt.metrics_listen, (*server)->metrics_port());
   }

@@ -8,6 +8,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "common/clock.h"
+#include "common/thread.h"
 #include "lab/clock_offset.h"
 #include "lab/metrics.h"
 #include "master/describe.h"
@@ -212,7 +213,10 @@ absl::StatusOr<std::unique_ptr<MasterServer>> MasterServer::Start(const MasterOp
     impl->metrics = std::move(*ep);
   }
   // Check for loss a few times per heartbeat interval so a LOST node is reported within ~lost_after + interval/4.
-  impl->sweeper = std::thread([p = impl.get(), period = options.heartbeat_interval / 4] { p->SweepLoop(period); });
+  impl->sweeper = std::thread([p = impl.get(), period = options.heartbeat_interval / 4] {
+    NameThisThread("node-sweeper");
+    p->SweepLoop(period);
+  });
   if (options.event_log) {
     impl->logger = std::thread([sub = impl->service->events().Subscribe(nullptr), log = options.event_log]() mutable {
       while (true) {

@@ -30,6 +30,8 @@ struct MasterOptions {
   std::string data_listen_address = "0.0.0.0:7071";
   /// The verbs device for VMs whose spec asks for TRANSPORT_KIND_RDMA (--rdma-device, --rdma-port, --rdma-gid-index).
   transport::rdma::DeviceSelection rdma;
+  /// CPUs of each VM's data-plane thread (--dataplane-cpus; empty = wherever the process may run).
+  std::vector<int> dataplane_cpus;
   /// Called with a one-line description of every event (node joined/lost, VM state, console), from one thread.
   std::function<void(const std::string&)> event_log;
   /// host:port of a Prometheus /metrics endpoint ("" = off; port 0 picks a free port, see metrics_port()). The

@@ -780,6 +780,7 @@ absl::StatusOr<std::shared_ptr<VmDataPlane>> MasterService::BeginDataPlaneLocked
   o.listen_address = options_.data_listen_address;
   o.connect_timeout = options_.agent_call_timeout;
   o.rdma = options_.rdma;
+  o.cpus = options_.dataplane_cpus;
   const std::string name = vm.spec.name();
   std::map<uint32_t, std::string> node_of;  // vCPU -> node name, for console lines
   for (const auto& vp : vm.topology.vcpus()) node_of[vp.vcpu()] = vp.node();

@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "common/thread.h"
 #include "irqchip/destination.h"
 #include "transport/rdma/rdma_transport.h"
 #include "transport/rdma/tcp_bootstrap.h"
@@ -224,7 +225,16 @@ absl::Status VmDataPlane::Activate() {
   }
   controller_ = *std::move(gc);
   GlobalController* c = controller_.get();
-  runner_ = std::jthread([c](std::stop_token st) { (void)c->Run(st); });
+  runner_ = std::jthread([c](std::stop_token st) {
+    NameThisThread("dataplane");
+    (void)c->Run(st);
+  });
+  if (!options_.cpus.empty()) {
+    if (auto s = PinThread(runner_.native_handle(), options_.cpus); !s.ok()) {
+      return absl::Status(s.code(), fmt::format("VM '{}': the master's data-plane thread: {}", spec_.name(),
+                                                std::string(s.message())));
+    }
+  }
   // Static pins before the agents start their vCPUs (the master calls their StartVm after Activate).
   if (spec_.routing_policy() == v1::ROUTING_POLICY_STATIC) {
     if (auto s = ApplyStaticRoutes(*c, spec_.static_routes()); !s.ok()) return s;

@@ -67,6 +67,8 @@ struct VmDataPlaneOptions {
   /// The verbs device of a VM whose spec asks for TRANSPORT_KIND_RDMA (aggvm-master --rdma-device/-port/-gid-index).
   /// Its queue pairs are set up through a TCP bootstrap on listen_address (the nodes' on their data-plane addresses).
   transport::rdma::DeviceSelection rdma;
+  /// CPUs of the data-plane thread (aggvm-master --dataplane-cpus; empty = wherever the process may run).
+  std::vector<int> cpus;
 };
 
 class VmDataPlane {

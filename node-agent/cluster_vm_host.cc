@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "common/thread.h"
 #include "irqchip/destination.h"
 #include "lab/trace_record.h"
 #include "node-agent/injector_vm_port.h"
@@ -536,7 +537,11 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
 
   const absl::Duration connect_timeout = options_.connect_timeout;
   r->dataplane = std::jthread([this, r, connect_timeout](std::stop_token stop) {
-    absl::Status st = r->transport->Connect(r->peers, connect_timeout);
+    NameThisThread("dataplane");
+    // A placement the kernel refuses ends here, reported to StartVm through the mesh status.
+    absl::Status st = options_.dataplane_cpus.empty() ? absl::OkStatus() : PinThisThread(options_.dataplane_cpus);
+    if (st.ok()) st = r->transport->Connect(r->peers, connect_timeout);
+    else st = absl::Status(st.code(), fmt::format("the data-plane thread: {}", std::string(st.message())));
     {
       std::lock_guard l(r->mu);
       r->connect_done = true;
@@ -605,13 +610,31 @@ absl::Status ClusterVmHost::Start() {
     return absl::Status(connected.code(), fmt::format("VM '{}' cannot start on node '{}': {}", r.vm_name, r.node,
                                                       std::string(connected.message())));
   }
+  auto cannot_start = [&](const absl::Status& s, std::string_view what) {
+    return absl::Status(s.code(), fmt::format("VM '{}' cannot start on node '{}': {}{}", r.vm_name, r.node, what,
+                                              std::string(s.message())));
+  };
   if (r.proxies) {
-    if (auto s = r.proxies->Start(); !s.ok()) {
-      return absl::Status(s.code(), fmt::format("VM '{}' cannot start on node '{}': proxy vCPUs: {}", r.vm_name, r.node,
-                                                std::string(s.message())));
+    if (auto s = r.proxies->Start(); !s.ok()) return cannot_start(s, "proxy vCPUs: ");
+    if (!options_.vcpu_cpus.empty()) {
+      if (auto s = r.proxies->Pin(options_.vcpu_cpus); !s.ok()) {
+        r.proxies->Stop();
+        return cannot_start(s, "");
+      }
     }
   }
   if (auto s = r.vm->Start(); !s.ok()) return s;
+  if (!options_.vcpu_cpus.empty()) {
+    for (VcpuIndex v : r.vm->local_vcpus()) {
+      vcpu::VcpuThread& t = r.vm->thread(v);
+      if (!t.started()) continue;  // a held vCPU (test hook)
+      if (auto s = t.Pin(options_.vcpu_cpus); !s.ok()) {
+        r.vm->Stop();
+        if (r.proxies) r.proxies->Stop();
+        return cannot_start(s, "");
+      }
+    }
+  }
   r.started = true;
   vcpu::UserIrqchip* chip = r.vm->user_irqchip();
   if (chip != nullptr && r.icr_sink != nullptr && options_.priority_report_interval > absl::ZeroDuration()) {

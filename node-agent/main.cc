@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/thread.h"
 #include "node-agent/cluster_vm_host.h"
 #include "lab/trace_record.h"
 #include "node-agent/control/agent_control.h"
@@ -39,6 +40,7 @@ struct ClusterFlags {
   double register_timeout_s = 10;
   double connect_timeout_s = 20;
   std::string metrics_listen;  // "" = no metrics endpoint
+  std::string cpus, vcpu_cpus, dataplane_cpus;  // CPU lists ("" = no placement)
 };
 
 static_assert(aggvm::lab::kTraceRecordType == aggvm::agent::kTraceRecordType,
@@ -53,6 +55,25 @@ int RunCluster(const ClusterFlags& f) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  aggvm::agent::ClusterVmHostOptions hopt;
+  std::vector<int> process_cpus;
+  {
+    auto p = aggvm::CpuListFlag("--cpus", f.cpus);
+    auto v = aggvm::CpuListFlag("--vcpu-cpus", f.vcpu_cpus);
+    auto d = aggvm::CpuListFlag("--dataplane-cpus", f.dataplane_cpus);
+    for (const auto* s : {&p.status(), &v.status(), &d.status()}) {
+      if (!s->ok()) {
+        spdlog::error("node '{}': {}", f.node, std::string(s->message()));
+        return 2;
+      }
+    }
+    process_cpus = *p;
+    hopt.vcpu_cpus = *v;
+    hopt.dataplane_cpus = *d;
+    // Before any thread starts: every thread inherits the main thread's CPUs (the placed ones then move).
+    if (!process_cpus.empty()) (void)aggvm::PinThisThread(process_cpus);
+  }
+
   aggvm::transport::rdma::DeviceSelection rdma;
   rdma.device = f.rdma_device;
   rdma.port = static_cast<uint8_t>(f.rdma_port);
@@ -62,7 +83,6 @@ int RunCluster(const ClusterFlags& f) {
     spdlog::error("node '{}': {}", f.node, std::string(caps.status().message()));
     return 1;
   }
-  aggvm::agent::ClusterVmHostOptions hopt;
   hopt.data_listen = f.data_listen;
   hopt.advertise_host = f.advertise_host;
   hopt.default_guest_elf = f.guest_elf;
@@ -133,9 +153,13 @@ int RunCluster(const ClusterFlags& f) {
     return 1;
   }
   plane.store(agent->get());
-  spdlog::info("node '{}' (id {}) serving on port {}, data plane {} (listening on {}), kvm{}{}", f.node,
+  std::string placement;
+  if (!process_cpus.empty()) placement += "; CPUs " + aggvm::FormatCpuList(process_cpus);
+  if (!hopt.vcpu_cpus.empty()) placement += "; vCPU threads on CPUs " + aggvm::FormatCpuList(hopt.vcpu_cpus);
+  if (!hopt.dataplane_cpus.empty()) placement += "; data-plane thread on CPUs " + aggvm::FormatCpuList(hopt.dataplane_cpus);
+  spdlog::info("node '{}' (id {}) serving on port {}, data plane {} (listening on {}), kvm{}{}{}", f.node,
                (*agent)->node_id().value(), (*agent)->port(), (*host)->data_address(), (*host)->listen_address(),
-               caps->split_irqchip() ? ", split irqchip" : "", caps->rdma() ? ", rdma" : "");
+               caps->split_irqchip() ? ", split irqchip" : "", caps->rdma() ? ", rdma" : "", placement);
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
@@ -195,6 +219,11 @@ int main(int argc, char** argv) {
                  "cluster mode: host:port of a Prometheus /metrics endpoint (off unless given; port 0: any)");
   app.add_option("--connect-timeout", cf.connect_timeout_s, "cluster mode: seconds for a VM's data-plane mesh set-up")
       ->capture_default_str();
+  app.add_option("--cpus", cf.cpus, "cluster mode: CPUs this agent's threads may run on, e.g. 0-1,4 (default: all)");
+  app.add_option("--vcpu-cpus", cf.vcpu_cpus, "cluster mode: CPUs of the VM's vCPU threads and proxy vCPUs");
+  app.add_option("--dataplane-cpus", cf.dataplane_cpus,
+                 "cluster mode: CPUs of the data-plane thread (interrupt frames in and out; a doorbell train's thread "
+                 "inherits them)");
   CLI11_PARSE(app, argc, argv);
   if (!standalone) {
     if (cf.master.empty() || cf.node.empty()) {

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "common/thread.h"
+
 namespace aggvm::agent {
 
 void RaiseTrain::Start(uint32_t count, absl::Duration interval, RaiseFn raise) {
@@ -28,6 +30,7 @@ void RaiseTrain::Stop() {
 void RaiseTrain::Run(std::stop_token stop, uint32_t count, absl::Duration interval, RaiseFn raise) {
   // The default 50 µs timer slack would delay every deadline by up to that much; a device's rate wants less.
   prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+  NameThisThread("train");
   const auto step = absl::ToChronoNanoseconds(interval);
   const auto start = std::chrono::steady_clock::now();  // CLOCK_MONOTONIC
   for (uint32_t i = 0; i < count; ++i) {

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "common/thread.h"
+
 namespace aggvm::agent {
 
 absl::StatusOr<std::unique_ptr<TraceReporter>> TraceReporter::Start(Sink sink, TraceReporterOptions options) {
@@ -14,7 +16,10 @@ absl::StatusOr<std::unique_ptr<TraceReporter>> TraceReporter::Start(Sink sink, T
     return absl::InvalidArgumentError("trace reporter: the period must be > 0 and idle_after >= period");
   }
   std::unique_ptr<TraceReporter> r(new TraceReporter(std::move(sink), options));
-  r->flusher_ = std::jthread([p = r.get()](std::stop_token st) { p->Run(st); });
+  r->flusher_ = std::jthread([p = r.get()](std::stop_token st) {
+    NameThisThread("trace-report");
+    p->Run(st);
+  });
   return r;
 }
 

@@ -17,6 +17,7 @@
 #include <variant>
 
 #include "absl/strings/str_cat.h"
+#include "common/thread.h"
 #include "vcpu/errno_status.h"
 #include "vcpu/kvm.h"
 #include "vcpu/long_mode.h"
@@ -216,7 +217,20 @@ class ProxySet::Proxy {
     return vcpu_.SetMpState(KVM_MP_STATE_RUNNABLE);
   }
 
-  void Start() { thread_ = std::thread([this] { Loop(); }); }
+  void Start() {
+    thread_ = std::thread([this] {
+      NameThisThread(absl::StrCat("proxy-", id().value()));
+      Loop();
+    });
+  }
+
+  absl::Status Pin(const std::vector<int>& cpus) {
+    if (!thread_.joinable()) return absl::OkStatus();  // not started (or stopped): nothing to place
+    if (auto s = PinThread(thread_.native_handle(), cpus); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("proxy for APIC ID ", id().value(), ": ", s.message()));
+    }
+    return absl::OkStatus();
+  }
 
   bool WaitReady(std::chrono::milliseconds timeout) {
     std::unique_lock lock(mu_);
@@ -460,6 +474,13 @@ absl::Status ProxySet::Start() {
                                                                  " did not reach its stub within 5 s"))
                       : err;
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProxySet::Pin(const std::vector<int>& cpus) {
+  for (auto& p : proxies_) {
+    if (auto s = p->Pin(cpus); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

@@ -87,6 +87,8 @@ class ProxySet {
   absl::Status Start();
   /// Ends every proxy thread (kick + join). Idempotent.
   void Stop();
+  /// Restricts every started proxy thread to `cpus` (common/thread.h).
+  absl::Status Pin(const std::vector<int>& cpus);
 
   [[nodiscard]] size_t size() const;
   [[nodiscard]] ProxyStats stats(ApicId remote) const;

@@ -5,6 +5,7 @@
 #include <variant>
 
 #include "absl/strings/str_cat.h"
+#include "common/thread.h"
 #include "vcpu/errno_status.h"
 
 namespace aggvm::vcpu {
@@ -45,7 +46,21 @@ absl::Status VcpuThread::Start(bool paused) {
   // A Stop() before Start() wins.
   State expected = State::kCreated;
   desired_.compare_exchange_strong(expected, paused ? State::kPaused : State::kRunning);
-  thread_ = std::thread([this] { Loop(); });
+  thread_ = std::thread([this] {
+    NameThisThread(absl::StrCat("vcpu-", vcpu_.id().value()));
+    Loop();
+  });
+  return absl::OkStatus();
+}
+
+absl::Status VcpuThread::Pin(const std::vector<int>& cpus) {
+  std::lock_guard l(mu_);
+  if (!thread_.joinable()) {
+    return absl::FailedPreconditionError(absl::StrCat("vCPU ", vcpu_.id().value(), " thread is not started"));
+  }
+  if (auto s = PinThread(thread_.native_handle(), cpus); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("vCPU ", vcpu_.id().value(), ": ", s.message()));
+  }
   return absl::OkStatus();
 }
 

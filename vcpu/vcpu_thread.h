@@ -24,6 +24,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -77,6 +78,8 @@ class VcpuThread {
   void Stop();
   /// Forces one Kicked exit (e.g. to make the thread look at new work).
   void Kick();
+  /// Restricts the started thread to `cpus` (common/thread.h). FAILED_PRECONDITION before Start().
+  absl::Status Pin(const std::vector<int>& cpus);
 
   [[nodiscard]] State state() const;
   /// True once Start() launched the thread (its state may still read kCreated for a moment).

@@ -27,7 +27,9 @@ void OnSignal(int) { g_stop.store(true); }
 
 bool StopRequested() { return g_stop.load(); }
 
-absl::StatusOr<BenchCluster> StartBenchCluster(const std::string& tag, bool loopback) {
+absl::StatusOr<BenchCluster> StartBenchCluster(const std::string& tag, bool loopback,
+                                               std::vector<std::string> master_args,
+                                               std::vector<std::string> agent_args) {
   if (::access("/dev/kvm", R_OK | W_OK) != 0) {
     return absl::FailedPreconditionError("/dev/kvm is missing or not accessible (load kvm, run as root)");
   }
@@ -47,6 +49,8 @@ absl::StatusOr<BenchCluster> StartBenchCluster(const std::string& tag, bool loop
   options.loopback = loopback;
   options.log_dir = out.logdir;
   options.heartbeat_ms = 200;
+  options.master_args = std::move(master_args);
+  options.agent_args = std::move(agent_args);
   auto c = testing::ClusterLauncher::Start(options);
   if (!c.ok()) {
     return absl::Status(c.status().code(),

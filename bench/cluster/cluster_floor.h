@@ -27,8 +27,10 @@ struct BenchCluster {
 };
 /// What every cluster bench does first: checks /dev/kvm, makes SIGINT / SIGTERM set StopRequested() (SIGPIPE
 /// ignored), and starts the cluster — as root each process in its own network namespace, this thread in the
-/// master's; else (or with `loopback`) on 127.0.0.1.
-absl::StatusOr<BenchCluster> StartBenchCluster(const std::string& tag, bool loopback);
+/// master's; else (or with `loopback`) on 127.0.0.1. `master_args` / `agent_args` are added to every daemon's flags.
+absl::StatusOr<BenchCluster> StartBenchCluster(const std::string& tag, bool loopback,
+                                               std::vector<std::string> master_args = {},
+                                               std::vector<std::string> agent_args = {});
 /// True once SIGINT or SIGTERM arrived.
 bool StopRequested();
 /// Removes the log directory (after a successful run).

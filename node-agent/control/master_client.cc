@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "common/clock.h"
+#include "common/thread.h"
 #include "proto/aggvm.grpc.pb.h"
 
 namespace aggvm::agent::control {
@@ -118,6 +119,7 @@ absl::Status MasterClient::Start(absl::Duration deadline) {
   }
 
   impl_->heartbeat_thread = std::thread([this] {
+    NameThisThread("heartbeat");
     Impl& im = *impl_;
     std::unique_lock lock(im.mu);
     bool need_register = false;
@@ -150,6 +152,7 @@ absl::Status MasterClient::Start(absl::Duration deadline) {
   });
 
   impl_->output_thread = std::thread([this] {
+    NameThisThread("guest-output");
     Impl& im = *impl_;
     std::unique_lock lock(im.mu);
     while (!im.stopping) {

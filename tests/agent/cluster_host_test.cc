@@ -10,7 +10,12 @@
 // Both irqchip modes.
 #include <gtest/gtest.h>
 
+#include <sched.h>
+
+#include <algorithm>
 #include <condition_variable>
+#include <filesystem>
+#include <fstream>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -85,7 +90,8 @@ class RecordingOutput final : public agent::control::GuestOutput {
 class Cluster {
  public:
   static std::unique_ptr<Cluster> Make(const std::string& workload, v1::IrqchipMode irqchip,
-                                       std::vector<master::PinProgram> pins = {}) {
+                                       std::vector<master::PinProgram> pins = {},
+                                       const std::function<void(uint32_t, agent::ClusterVmHostOptions&)>& tweak = {}) {
     auto c = std::unique_ptr<Cluster>(new Cluster());
     transport::TcpTransportOptions mo;
     mo.listen_address = "127.0.0.1:0";
@@ -117,6 +123,7 @@ class Cluster {
       ho.data_listen = "127.0.0.1:0";
       ho.connect_timeout = absl::Seconds(10);
       ho.log = [](const std::string& line) { std::fprintf(stderr, "[host] %s\n", line.c_str()); };
+      if (tweak) tweak(n, ho);
       auto h = agent::ClusterVmHost::Create(ho);
       EXPECT_TRUE(h.ok()) << h.status();
       if (!h.ok()) return nullptr;
@@ -341,6 +348,76 @@ TEST(ClusterHost, PauseStopsTheVcpusAndStartResumesThem) {
   ASSERT_TRUE(c->host(1).Stop().ok());
   EXPECT_EQ(c->host(1).vm(), nullptr);
   EXPECT_TRUE(c->host(1).Stats().empty());
+}
+
+// CPUs thread `tid` of this process may run on.
+std::vector<int> AllowedCpus(pid_t tid) {
+  cpu_set_t s;
+  std::vector<int> out;
+  if (sched_getaffinity(tid, sizeof s, &s) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &s)) out.push_back(c);
+  }
+  return out;
+}
+
+// name -> the CPU sets of this process's threads of that name.
+std::multimap<std::string, std::vector<int>> ThreadPlacement() {
+  std::multimap<std::string, std::vector<int>> out;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::string name;
+    std::ifstream(e.path() / "comm") >> name;
+    out.emplace(name, AllowedCpus(static_cast<pid_t>(std::stol(e.path().filename().string()))));
+  }
+  return out;
+}
+
+TEST(ClusterHost, PlacementPutsTheVcpuAndDataPlaneThreadsOnTheirCpus) {
+  AGGVM_REQUIRE_KVM();
+  const std::vector<int> all = AllowedCpus(0);
+  if (all.size() < 2) GTEST_SKIP() << "placement needs two CPUs to be told apart; this process may use one";
+  const std::vector<int> vcpu_cpus{all.back()}, dataplane_cpus{all.front()};
+  // Node 2 places its threads; node 1 does not.
+  auto c = Cluster::Make("irq-sink", v1::IRQCHIP_MODE_KERNEL, {}, [&](uint32_t n, agent::ClusterVmHostOptions& o) {
+    if (n == 1) {
+      o.vcpu_cpus = vcpu_cpus;
+      o.dataplane_cpus = dataplane_cpus;
+    }
+  });
+  ASSERT_TRUE(c);
+  // A doorbell train raised on node 2: its thread is started by node 2's data-plane thread and inherits its CPUs.
+  ASSERT_TRUE(c->master()
+                  .Ring(NodeId(2), Gsi(3), TriggerMode::kEdge, true, false, absl::Seconds(2),
+                        master::RingTrain{.count = 200, .interval_us = 10'000})
+                  .ok());
+  ASSERT_TRUE(WaitUntil([&] { return c->host(1).Stats()["local_controller.trains"] == 1; }));
+  const auto placed = ThreadPlacement();
+  auto sets_of = [&](const std::string& name) {
+    std::vector<std::vector<int>> v;
+    for (auto [it, end] = placed.equal_range(name); it != end; ++it) v.push_back(it->second);
+    return v;
+  };
+  using Sets = std::vector<std::vector<int>>;
+  EXPECT_EQ(sets_of("vcpu-2"), Sets{vcpu_cpus}) << "node 2's vCPUs";
+  EXPECT_EQ(sets_of("vcpu-3"), Sets{vcpu_cpus});
+  EXPECT_EQ(sets_of("vcpu-0"), Sets{all}) << "node 1 places nothing";
+  EXPECT_EQ(sets_of("vcpu-1"), Sets{all});
+  // Proxies: node 2's for APIC IDs 0, 1 and the two nowhere IDs 4, 5; node 1's for 2..5.
+  for (const char* p : {"proxy-0", "proxy-1"}) EXPECT_EQ(sets_of(p), Sets{vcpu_cpus}) << p;
+  for (const char* p : {"proxy-2", "proxy-3"}) EXPECT_EQ(sets_of(p), Sets{all}) << p;
+  for (const char* p : {"proxy-4", "proxy-5"}) {
+    auto s = sets_of(p);
+    std::sort(s.begin(), s.end());
+    Sets want{vcpu_cpus, all};
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(s, want) << p << ": one on each node";
+  }
+  auto dp = sets_of("dataplane");
+  std::sort(dp.begin(), dp.end());
+  Sets want_dp{dataplane_cpus, all};
+  std::sort(want_dp.begin(), want_dp.end());
+  EXPECT_EQ(dp, want_dp) << "node 2's data-plane thread placed, node 1's not";
+  EXPECT_EQ(sets_of("train"), Sets{dataplane_cpus}) << "the train inherits the data-plane thread's CPUs";
 }
 
 TEST(ClusterHost, PrepareRefusesAPlanWithoutTheMastersEndpoint) {

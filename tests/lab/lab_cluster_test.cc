@@ -196,13 +196,17 @@ TEST_F(LabCluster, ClockOffsetsOnOneMachineAreZeroWithinTheirUncertainty) {
   req.set_samples(32);
   v1::ProbeClocksResponse resp;
   ASSERT_TRUE(Call([&](grpc::ClientContext& c) { return lab->ProbeClocks(&c, req, &resp); }).ok());
-  ASSERT_EQ(resp.nodes_size(), 2);
+  ASSERT_EQ(resp.nodes_size(), 2) << resp.DebugString();
   for (const auto& n : resp.nodes()) {
-    SCOPED_TRACE(n.node());
+    SCOPED_TRACE(n.DebugString());
     EXPECT_EQ(n.error(), "");
     EXPECT_EQ(n.samples(), 32u);
     EXPECT_GT(n.rtt_min_ns(), 0u);
-    EXPECT_DOUBLE_EQ(n.uncertainty_ns(), static_cast<double>(n.rtt_min_ns()) / 2);
+    // RTT_min/2, or a little more when several probes share the minimum RTT (lab/clock_offset.h: their midpoint
+    // offsets are averaged and the bound widened by the average's distance to them, at most RTT_min).
+    const double half = static_cast<double>(n.rtt_min_ns()) / 2;
+    EXPECT_GE(n.uncertainty_ns(), half);
+    EXPECT_LE(n.uncertainty_ns(), 3 * half);
     // The true offset is 0 here and the bound is hard (t_remote lies between send and receive).
     EXPECT_LE(std::abs(n.offset_ns()), n.uncertainty_ns() + 1.0);
     EXPECT_LT(n.uncertainty_ns(), 50e6) << "a control-plane round trip under 100 ms";

@@ -124,14 +124,22 @@ TEST(RdmaDataplaneRxe, MasterAndTwoNodesOverVerbs) {
     }
   }
 
-  // A train of 20 edges, one every 2 ms, raised by node 1 on its own clock.
+  // A train of 20 edges, one every 5 ms, raised by node 1 on its own clock. Under TCG the train's thread can wake
+  // more than one interval late; the deadlines it missed are skipped and counted (raise_train.h), so the check is
+  // that every deadline was raised or skipped, and every raised edge was delivered exactly once.
   constexpr uint32_t kTrain = 20;
   ASSERT_TRUE(gc->Ring(NodeId(1), Gsi(kEdgeGsi), irqchip::TriggerMode::kEdge, true, false, absl::Seconds(2),
-                       master::RingTrain{.count = kTrain, .interval_us = 2000}).ok());
-  ASSERT_TRUE(nodes[1].port.WaitFor(1 + kTrain, absl::Seconds(30)));
+                       master::RingTrain{.count = kTrain, .interval_us = 5000}).ok());
+  agent::LocalController& a = *nodes[0].lc;
+  ASSERT_TRUE(WaitUntil([&] { return a.counters().train_raises + a.train_skipped() == kTrain; }, absl::Seconds(30)))
+      << "raised " << a.counters().train_raises << ", skipped " << a.train_skipped() << " of " << kTrain;
+  const uint64_t raised = a.counters().train_raises;
+  EXPECT_GE(raised, 1u);
+  ASSERT_TRUE(nodes[1].port.WaitFor(1 + raised, absl::Seconds(30)))
+      << "delivered " << nodes[1].port.count() - 1 << " of " << raised << " raised edges";
   absl::SleepFor(absl::Milliseconds(50));
-  EXPECT_EQ(nodes[1].port.count(), 1 + kTrain) << "one delivery per edge";
-  EXPECT_EQ(nodes[0].lc->counters().train_raises, kTrain);
+  EXPECT_EQ(nodes[1].port.count(), 1 + raised) << "one delivery per raised edge (" << a.train_skipped()
+                                               << " deadlines skipped by a late train thread)";
 
   // A level held on node 1: delivered, re-delivered after each EOI node 2 sends, not after the deassert.
   const size_t before = nodes[1].port.count();
