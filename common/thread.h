@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -36,9 +37,10 @@ inline void NameThisThread(std::string_view name) {
 inline absl::StatusOr<std::vector<int>> ParseCpuList(std::string_view text) {
   std::vector<int> cpus;
   if (text.empty()) return absl::InvalidArgumentError("CPU list: empty (expected e.g. 0-1,3)");
-  auto number = [](std::string_view s, int& out) {
+  auto number = [](std::string_view s, int& out) {  // digits only: no sign, no space
+    if (s.empty() || s.size() > 9 || s.find_first_not_of("0123456789") != std::string_view::npos) return false;
     const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
-    return ec == std::errc() && end == s.data() + s.size() && !s.empty();
+    return ec == std::errc() && end == s.data() + s.size();
   };
   size_t pos = 0;
   while (pos <= text.size()) {
@@ -94,15 +96,37 @@ inline absl::Status PinThread(pthread_t thread, const std::vector<int>& cpus) {
 }
 inline absl::Status PinThisThread(const std::vector<int>& cpus) { return PinThread(pthread_self(), cpus); }
 
+/// The CPUs `thread` may run on, sorted.
+inline std::vector<int> ThreadCpus(pthread_t thread) {
+  cpu_set_t set;
+  std::vector<int> out;
+  if (pthread_getaffinity_np(thread, sizeof set, &set) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  }
+  return out;
+}
+
 /// A CPU-list command-line flag: "" = no placement (empty list); otherwise parsed and tried on a scratch thread, so a
-/// list the kernel refuses is an error at start-up naming the flag, not at the first VM.
+/// list the kernel refuses — wholly, or in part (it keeps the usable CPUs of a list and drops the others) — is an
+/// error at start-up naming the flag and the CPUs, not a surprise at the first VM.
 inline absl::StatusOr<std::vector<int>> CpuListFlag(std::string_view flag, std::string_view text) {
   if (text.empty()) return std::vector<int>{};
   auto cpus = ParseCpuList(text);
   if (!cpus.ok()) return absl::InvalidArgumentError(fmt::format("{}: {}", flag, std::string(cpus.status().message())));
   absl::Status tried;
-  std::thread([&] { tried = PinThisThread(*cpus); }).join();
+  std::vector<int> got;
+  std::thread([&] {
+    tried = PinThisThread(*cpus);
+    got = ThreadCpus(pthread_self());
+  }).join();
   if (!tried.ok()) return absl::InvalidArgumentError(fmt::format("{} {}: {}", flag, text, std::string(tried.message())));
+  if (got != *cpus) {
+    std::vector<int> missing;
+    std::set_difference(cpus->begin(), cpus->end(), got.begin(), got.end(), std::back_inserter(missing));
+    return absl::InvalidArgumentError(fmt::format("{} {}: CPUs {} cannot be used here (of the list, only {} can)",
+                                                  flag, text, FormatCpuList(missing), FormatCpuList(got)));
+  }
   return cpus;
 }
 

@@ -26,13 +26,41 @@ TEST(CpuList, BadListsAreRefusedNamingThePart) {
   struct Case {
     const char* text;
     const char* names;
-  } cases[] = {{"", "empty"}, {"1,", "''"}, {"a", "'a'"}, {"1-", "'1-'"}, {"-1", "'-1'"}, {"3-1", "reversed"},
-               {"0,1-x", "'1-x'"}, {"99999", "above"}, {" 1", "' 1'"}};
+  } cases[] = {{"", "empty"},          {"1,", ": '' is not"},     {",1", ": '' is not"},   {"a", ": 'a' is not"},
+               {"1-", ": '1-' is not"}, {"-1", ": '-1' is not"},   {"+1", ": '+1' is not"}, {"1--2", ": '1--2' is not"},
+               {"0--0", ": '0--0' is not"}, {"3-1", "'3-1' is reversed"}, {"0,1-x", ": '1-x' is not"},
+               {"99999", "CPU 99999 is above"}, {"99999999999", "'99999999999' is not"}, {" 1", ": ' 1' is not"},
+               {"1-2-3", ": '1-2-3' is not"}};
   for (const auto& k : cases) {
     auto c = ParseCpuList(k.text);
     ASSERT_FALSE(c.ok()) << "'" << k.text << "' accepted";
     EXPECT_NE(c.status().message().find(k.names), std::string::npos) << k.text << ": " << c.status();
   }
+}
+
+TEST(CpuListFlag, EmptyIsNoPlacementAndUnusableCpusAreRefusedByName) {
+  auto none = CpuListFlag("--x", "");
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  const std::vector<int> mine = ThreadCpus(pthread_self());
+  ASSERT_FALSE(mine.empty());
+  auto ok = CpuListFlag("--x", FormatCpuList(mine));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(*ok, mine);
+  EXPECT_EQ(ThreadCpus(pthread_self()), mine) << "the check runs on a scratch thread";
+  // Wholly unusable, and partly usable (the kernel would keep the usable part silently).
+  const int unusable = CPU_SETSIZE - 1;
+  auto whole = CpuListFlag("--vcpu-cpus", std::to_string(unusable));
+  ASSERT_FALSE(whole.ok());
+  EXPECT_NE(whole.status().message().find("--vcpu-cpus " + std::to_string(unusable)), std::string::npos)
+      << whole.status();
+  auto part = CpuListFlag("--dataplane-cpus", fmt::format("{},{}", mine.front(), unusable));
+  ASSERT_FALSE(part.ok());
+  EXPECT_NE(part.status().message().find(fmt::format("CPUs {} cannot be used", unusable)), std::string::npos)
+      << part.status();
+  auto bad = CpuListFlag("--cpus", "x");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("--cpus: CPU list 'x'"), std::string::npos) << bad.status();
 }
 
 TEST(Thread, NameAndPinApplyToTheCallingThreadOnly) {

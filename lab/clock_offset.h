@@ -5,7 +5,8 @@
 // (t_send + t_recv)/2, so offset = t_remote - (t_send + t_recv)/2 (remote = local + offset). Whatever the delays,
 // the true offset lies in [t_remote - t_recv, t_remote - t_send], i.e. within ±RTT/2 of that estimate. Queueing only
 // adds delay, so the samples with the smallest RTT carry the tightest bound: the estimate uses the minimum-RTT
-// sample(s), and the uncertainty reported is RTT_min/2 (a hard bound, assuming no drift during one probe).
+// sample(s), and the uncertainty reported is RTT_min/2 (a hard bound, assuming no drift during one probe; when
+// several probes share the minimum RTT their offsets are averaged and the bound grows to at most RTT_min).
 //
 // Two estimates (start and end of a run) give the drift; ClockModel maps remote timestamps to the local clock at
 // any time in between (and extrapolates linearly outside).
@@ -29,7 +30,7 @@ struct ClockSample {
 
 struct OffsetEstimate {
   double offset_ns = 0;       // remote - local
-  double uncertainty_ns = 0;  // the true offset is within offset_ns ± uncertainty_ns (= rtt_min_ns / 2)
+  double uncertainty_ns = 0;  // the true offset is within offset_ns ± uncertainty_ns (rtt_min_ns / 2 from one best probe)
   uint64_t rtt_min_ns = 0;
   double at_local_ns = 0;     // the local time the estimate refers to (mid-point of the min-RTT probe)
   size_t samples_used = 0;    // samples whose RTT is within the tolerance of the minimum

@@ -1,6 +1,7 @@
 #include "master/vm_dataplane.h"
 
 #include <condition_variable>
+#include <future>
 #include <map>
 #include <mutex>
 
@@ -225,15 +226,22 @@ absl::Status VmDataPlane::Activate() {
   }
   controller_ = *std::move(gc);
   GlobalController* c = controller_.get();
-  runner_ = std::jthread([c](std::stop_token st) {
+  // The thread places itself before it runs anything and reports the outcome (a refused placement: it ends).
+  std::promise<absl::Status> placed;
+  std::future<absl::Status> placement = placed.get_future();
+  runner_ = std::jthread([c, cpus = options_.cpus, placed = std::move(placed)](std::stop_token st) mutable {
     NameThisThread("dataplane");
-    (void)c->Run(st);
+    absl::Status s = cpus.empty() ? absl::OkStatus() : PinThisThread(cpus);
+    const bool ok = s.ok();
+    placed.set_value(std::move(s));
+    if (ok) (void)c->Run(st);
   });
-  if (!options_.cpus.empty()) {
-    if (auto s = PinThread(runner_.native_handle(), options_.cpus); !s.ok()) {
-      return absl::Status(s.code(), fmt::format("VM '{}': the master's data-plane thread: {}", spec_.name(),
-                                                std::string(s.message())));
-    }
+  if (absl::Status s = placement.get(); !s.ok()) {
+    runner_.join();  // it ended without running the controller
+    runner_ = std::jthread();
+    controller_.reset();  // a later Activate starts over
+    return absl::Status(s.code(), fmt::format("VM '{}': the master's data-plane thread: {}", spec_.name(),
+                                              std::string(s.message())));
   }
   // Static pins before the agents start their vCPUs (the master calls their StartVm after Activate).
   if (spec_.routing_policy() == v1::ROUTING_POLICY_STATIC) {

@@ -83,8 +83,8 @@ struct ClusterVmHostOptions {
   /// reported to the master (kControl priority) for lowest-priority arbitration. Zero disables.
   absl::Duration priority_report_interval = absl::Milliseconds(5);
   /// Thread placement (common/thread.h; empty = wherever the process may run): the VM's vCPU threads and proxy
-  /// vCPUs, and the data-plane thread (a doorbell train's thread, started by it, inherits its CPUs). A CPU the
-  /// kernel refuses fails StartVm with the CPUs named.
+  /// vCPUs, and the data-plane thread (a doorbell train's thread, started by it, inherits its CPUs). A list the
+  /// kernel refuses fails PrepareVm (data plane) or StartVm (vCPUs) with the CPUs named.
   std::vector<int> vcpu_cpus;
   std::vector<int> dataplane_cpus;
   /// Notable events (one line each; never per interrupt). May be empty.

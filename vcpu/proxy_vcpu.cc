@@ -225,7 +225,10 @@ class ProxySet::Proxy {
   }
 
   absl::Status Pin(const std::vector<int>& cpus) {
-    if (!thread_.joinable()) return absl::OkStatus();  // not started (or stopped): nothing to place
+    // Under mu_ the thread cannot get past setting finished_, so it is alive for the call below (an exited thread's
+    // handle would make glibc place the calling thread instead).
+    std::lock_guard lock(mu_);
+    if (!thread_.joinable() || finished_) return absl::OkStatus();  // not started, or ended: nothing to place
     if (auto s = PinThread(thread_.native_handle(), cpus); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("proxy for APIC ID ", id().value(), ": ", s.message()));
     }

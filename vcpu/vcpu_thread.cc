@@ -54,9 +54,11 @@ absl::Status VcpuThread::Start(bool paused) {
 }
 
 absl::Status VcpuThread::Pin(const std::vector<int>& cpus) {
+  // Under mu_ the thread cannot get past its final SetState(kStopped), so it is alive for the call below. An exited
+  // thread must never be pinned: glibc then passes tid 0 to sched_setaffinity, which places the *calling* thread.
   std::lock_guard l(mu_);
-  if (!thread_.joinable()) {
-    return absl::FailedPreconditionError(absl::StrCat("vCPU ", vcpu_.id().value(), " thread is not started"));
+  if (!thread_.joinable() || state_ == State::kStopped) {
+    return absl::FailedPreconditionError(absl::StrCat("vCPU ", vcpu_.id().value(), " thread is not running"));
   }
   if (auto s = PinThread(thread_.native_handle(), cpus); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("vCPU ", vcpu_.id().value(), ": ", s.message()));

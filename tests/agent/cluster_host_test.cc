@@ -390,8 +390,18 @@ TEST(ClusterHost, PlacementPutsTheVcpuAndDataPlaneThreadsOnTheirCpus) {
                   .Ring(NodeId(2), Gsi(3), TriggerMode::kEdge, true, false, absl::Seconds(2),
                         master::RingTrain{.count = 200, .interval_us = 10'000})
                   .ok());
-  ASSERT_TRUE(WaitUntil([&] { return c->host(1).Stats()["local_controller.trains"] == 1; }));
-  const auto placed = ThreadPlacement();
+  // A thread has its name once it runs (until then it carries its creator's): wait for every expected one.
+  const std::map<std::string, size_t> expected = {
+      {"vcpu-0", 1},  {"vcpu-1", 1},  {"vcpu-2", 1},  {"vcpu-3", 1},  {"proxy-0", 1},   {"proxy-1", 1},
+      {"proxy-2", 1}, {"proxy-3", 1}, {"proxy-4", 2}, {"proxy-5", 2}, {"dataplane", 2}, {"train", 1}};
+  std::multimap<std::string, std::vector<int>> placed;
+  ASSERT_TRUE(WaitUntil([&] {
+    placed = ThreadPlacement();
+    for (const auto& [name, n] : expected) {
+      if (placed.count(name) != n) return false;
+    }
+    return true;
+  })) << "not every vCPU, proxy, data-plane and train thread is running under its name";
   auto sets_of = [&](const std::string& name) {
     std::vector<std::vector<int>> v;
     for (auto [it, end] = placed.equal_range(name); it != end; ++it) v.push_back(it->second);

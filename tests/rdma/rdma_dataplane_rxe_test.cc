@@ -134,7 +134,7 @@ TEST(RdmaDataplaneRxe, MasterAndTwoNodesOverVerbs) {
   ASSERT_TRUE(WaitUntil([&] { return a.counters().train_raises + a.train_skipped() == kTrain; }, absl::Seconds(30)))
       << "raised " << a.counters().train_raises << ", skipped " << a.train_skipped() << " of " << kTrain;
   const uint64_t raised = a.counters().train_raises;
-  EXPECT_GE(raised, 1u);
+  EXPECT_GE(raised, kTrain / 4) << a.train_skipped() << " of " << kTrain << " deadlines skipped";
   ASSERT_TRUE(nodes[1].port.WaitFor(1 + raised, absl::Seconds(30)))
       << "delivered " << nodes[1].port.count() - 1 << " of " << raised << " raised edges";
   absl::SleepFor(absl::Milliseconds(50));
