@@ -96,15 +96,19 @@ inline absl::Status PinThread(pthread_t thread, const std::vector<int>& cpus) {
 }
 inline absl::Status PinThisThread(const std::vector<int>& cpus) { return PinThread(pthread_self(), cpus); }
 
-/// The CPUs `thread` may run on, sorted.
-inline std::vector<int> ThreadCpus(pthread_t thread) {
-  cpu_set_t set;
+/// The CPUs in `set`, sorted.
+inline std::vector<int> CpusIn(const cpu_set_t& set) {
   std::vector<int> out;
-  if (pthread_getaffinity_np(thread, sizeof set, &set) != 0) return out;
   for (int c = 0; c < CPU_SETSIZE; ++c) {
     if (CPU_ISSET(c, &set)) out.push_back(c);
   }
   return out;
+}
+
+/// The CPUs `thread` may run on, sorted (empty if it cannot be read).
+inline std::vector<int> ThreadCpus(pthread_t thread) {
+  cpu_set_t set;
+  return pthread_getaffinity_np(thread, sizeof set, &set) == 0 ? CpusIn(set) : std::vector<int>{};
 }
 
 /// A CPU-list command-line flag: "" = no placement (empty list); otherwise parsed and tried on a scratch thread, so a

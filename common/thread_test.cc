@@ -64,12 +64,9 @@ TEST(CpuListFlag, EmptyIsNoPlacementAndUnusableCpusAreRefusedByName) {
 }
 
 TEST(Thread, NameAndPinApplyToTheCallingThreadOnly) {
-  std::vector<int> allowed;
   cpu_set_t mine;
   ASSERT_EQ(sched_getaffinity(0, sizeof mine, &mine), 0);
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &mine)) allowed.push_back(c);
-  }
+  const std::vector<int> allowed = CpusIn(mine);
   ASSERT_FALSE(allowed.empty());
   std::string name;
   std::vector<int> seen;
@@ -78,12 +75,7 @@ TEST(Thread, NameAndPinApplyToTheCallingThreadOnly) {
     NameThisThread("a-name-longer-than-fifteen");
     std::ifstream("/proc/thread-self/comm") >> name;
     pinned = PinThisThread({allowed.back()});
-    cpu_set_t s;
-    if (pthread_getaffinity_np(pthread_self(), sizeof s, &s) == 0) {
-      for (int c = 0; c < CPU_SETSIZE; ++c) {
-        if (CPU_ISSET(c, &s)) seen.push_back(c);
-      }
-    }
+    seen = ThreadCpus(pthread_self());
   });
   t.join();
   EXPECT_EQ(name, "a-name-longer-t");

@@ -24,6 +24,7 @@
 
 #include <fmt/format.h>
 
+#include "common/thread.h"
 #include "master/global_controller.h"
 #include "node-agent/cluster_vm_host.h"
 #include "node-agent/local_controller.h"
@@ -353,12 +354,7 @@ TEST(ClusterHost, PauseStopsTheVcpusAndStartResumesThem) {
 // CPUs thread `tid` of this process may run on.
 std::vector<int> AllowedCpus(pid_t tid) {
   cpu_set_t s;
-  std::vector<int> out;
-  if (sched_getaffinity(tid, sizeof s, &s) != 0) return out;
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &s)) out.push_back(c);
-  }
-  return out;
+  return sched_getaffinity(tid, sizeof s, &s) == 0 ? CpusIn(s) : std::vector<int>{};
 }
 
 // name -> the CPU sets of this process's threads of that name.
