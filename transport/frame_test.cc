@@ -308,6 +308,15 @@ std::vector<Rule> Rules() {
     };
   };
   using IP = InterruptPayload;
+  using CP = ControlPayload;
+  // A raise-gsi of GSI 3 whose arg1 (flags and train bits) is `arg1`.
+  auto raise_gsi = [&](uint64_t arg1) {
+    return with(FrameType::kControl, Hello(), [arg1](CP& p) {
+      p.op = CP::Op::kRaiseGsi;
+      p.arg0 = 3;
+      p.arg1 = arg1;
+    });
+  };
   return {
       {"sequence zero", [] { return Make(FrameType::kEoi, Eoi(), 0); }, "'sequence' = 0x0"},
       {"unknown flag", [] { auto f = Make(FrameType::kEoi, Eoi()); f.flags = 0x8000; return f; }, "'flags' = 0x8000"},
@@ -385,26 +394,13 @@ std::vector<Rule> Rules() {
        "'arg1' = 0xa"},
       {"control raise-gsi edge deassert", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
          p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3; p.arg1 = 0; }), "'arg1' = 0x0"},
-      {"control raise-gsi train of levels", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
-         p.arg1 = ControlPayload::kRaiseLevel | ControlPayload::kRaiseAssert | ControlPayload::TrainBits(5, 100); }),
-       "'arg1'"},
-      {"control raise-gsi train count 0", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
-         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(0, 100); }), "'arg1'"},
-      {"control raise-gsi train count too large", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
-         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(ControlPayload::kMaxTrainCount + 1, 100); }),
-       "'arg1'"},
-      {"control raise-gsi train without interval", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
-         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(5, 0); }), "'arg1'"},
-      {"control raise-gsi train interval too short", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
-         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(5, 9); }), "'arg1'"},
-      {"control raise-gsi train too long", with(FrameType::kControl, Hello(), [](ControlPayload& p) {
-         p.op = ControlPayload::Op::kRaiseGsi; p.arg0 = 3;
-         p.arg1 = ControlPayload::kRaiseAssert | ControlPayload::TrainBits(1000, 1'000'000); }), "'arg1'"},
+      {"control raise-gsi train of levels", raise_gsi(CP::kRaiseLevel | CP::kRaiseAssert | CP::TrainBits(5, 100)), "'arg1'"},
+      {"control raise-gsi train count 0", raise_gsi(CP::kRaiseAssert | CP::TrainBits(0, 100)), "'arg1'"},
+      {"control raise-gsi train count too large",
+       raise_gsi(CP::kRaiseAssert | CP::TrainBits(CP::kMaxTrainCount + 1, 100)), "'arg1'"},
+      {"control raise-gsi train without interval", raise_gsi(CP::kRaiseAssert | CP::TrainBits(5, 0)), "'arg1'"},
+      {"control raise-gsi train interval too short", raise_gsi(CP::kRaiseAssert | CP::TrainBits(5, 9)), "'arg1'"},
+      {"control raise-gsi train too long", raise_gsi(CP::kRaiseAssert | CP::TrainBits(1000, 1'000'000)), "'arg1'"},
       {"traced raised zero", [] {
          auto f = Make(FrameType::kEoi, Eoi()); f.flags = kFlagTraced; f.trace.raised = 0; return f; },
        "'trace.raised' = 0x0"},

@@ -115,6 +115,26 @@ struct CrossNode {
   double fitted_tsc_khz = 0;
 };
 
+// The per-hop rows of a cross-node run: printed label, JSON key, samples.
+struct HopRow {
+  const char* label;
+  const char* key;
+  std::vector<double> CrossNode::*samples;
+};
+constexpr HopRow kHopRows[] = {
+    {"raised on node-a -> master received (hop 1)", "to_master", &CrossNode::to_master_us},
+    {"raised on node-a -> master routed", "master_decided", &CrossNode::decided_us},
+    {"raised on node-a -> node-b received kDeliver (hop 2)", "target_received", &CrossNode::target_us},
+    {"raised on node-a -> KVM_SIGNAL_MSI done on node-b", "injected", &CrossNode::injected_us},
+    {"  node-b injected -> guest handler entry", "inject_to_handler", &CrossNode::inject_to_handler_us},
+};
+
+nlohmann::json HopsJson(const CrossNode& c) {
+  nlohmann::json j;
+  for (const HopRow& h : kHopRows) j[h.key] = ToJson(Summarize(c.*h.samples));
+  return j;
+}
+
 // Runs the cluster part on the started cluster: VM created and started, `samples` doorbells (bounded by
 // `max_seconds`), VM stopped. `train_interval_us` > 0: one train of edges from node-a itself; else one RPC each.
 absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, size_t samples, size_t warmup,
@@ -391,11 +411,10 @@ int Main(int argc, char** argv) {
   auto row = [](const std::string& name, const Summary& s) {
     std::printf("%-62s %9.1f %9.1f %9zu\n", name.c_str(), s.p50, s.p99, s.count);
   };
-  row("raised on node-a -> master received (hop 1)", Summarize(cross->to_master_us));
-  row("raised on node-a -> master routed", Summarize(cross->decided_us));
-  row("raised on node-a -> node-b received kDeliver (hop 2)", Summarize(cross->target_us));
-  row("raised on node-a -> KVM_SIGNAL_MSI done on node-b", Summarize(cross->injected_us));
-  row("  node-b injected -> guest handler entry", Summarize(cross->inject_to_handler_us));
+  auto hop_rows = [&](const CrossNode& c) {
+    for (const HopRow& h : kHopRows) row(h.label, Summarize(c.*h.samples));
+  };
+  hop_rows(*cross);
   row("RAISED ON NODE-A -> GUEST HANDLER ON NODE-B", e2e);
   if (!cross->rpc_us.empty()) row("  (RingDoorbell RPC issued -> guest handler, incl. gRPC)", Summarize(cross->rpc_us));
   row("floor: tcp one-way, 64-byte frames, event (rtt/2), back to back", tcp);
@@ -420,10 +439,7 @@ int Main(int argc, char** argv) {
                 pin_path, pinned_agent_args[1].c_str(), e2e_pinned.count, static_cast<unsigned long>(pinned->lost),
                 static_cast<unsigned long>(pinned->rejected));
     std::printf("%-62s %9s %9s %9s\n", "path (µs)", "p50", "p99", "count");
-    row("raised on node-a -> master received (hop 1)", Summarize(pinned->to_master_us));
-    row("raised on node-a -> node-b received kDeliver (hop 2)", Summarize(pinned->target_us));
-    row("raised on node-a -> KVM_SIGNAL_MSI done on node-b", Summarize(pinned->injected_us));
-    row("  node-b injected -> guest handler entry", Summarize(pinned->inject_to_handler_us));
+    hop_rows(*pinned);
     row("RAISED ON NODE-A -> GUEST HANDLER ON NODE-B (placed)", e2e_pinned);
     std::printf("ratio p50 placed cross-node / paced floor = %.2f (goal <= 1.25): %s\n", ratio_pinned,
                 ratio_pinned <= 1.25 ? "met" : "NOT met");
@@ -447,12 +463,8 @@ int Main(int argc, char** argv) {
     j["kvm_tsc_khz"] = local->tsc_khz;
     j["sample_gap_us"] = gap_us;
     j["cross_node"] = ToJson(e2e);
-    j["hops_detail"] = {{"to_master", ToJson(Summarize(cross->to_master_us))},
-                        {"master_decided", ToJson(Summarize(cross->decided_us))},
-                        {"target_received", ToJson(Summarize(cross->target_us))},
-                        {"injected", ToJson(Summarize(cross->injected_us))},
-                        {"inject_to_handler", ToJson(Summarize(cross->inject_to_handler_us))},
-                        {"rpc_to_handler", ToJson(Summarize(cross->rpc_us))}};
+    j["hops_detail"] = HopsJson(*cross);
+    j["hops_detail"]["rpc_to_handler"] = ToJson(Summarize(cross->rpc_us));
     j["floor"] = {{"tcp_one_way", ToJson(tcp)},
                   {"local_msi_to_handler", ToJson(msi)},
                   {"p50_us", floor_p50},
@@ -477,10 +489,7 @@ int Main(int argc, char** argv) {
                      {"lost", pinned->lost},
                      {"rejected", pinned->rejected},
                      {"cross_node", ToJson(Summarize(pinned->handler_us))},
-                     {"hops_detail", {{"to_master", ToJson(Summarize(pinned->to_master_us))},
-                                      {"target_received", ToJson(Summarize(pinned->target_us))},
-                                      {"injected", ToJson(Summarize(pinned->injected_us))},
-                                      {"inject_to_handler", ToJson(Summarize(pinned->inject_to_handler_us))}}},
+                     {"hops_detail", HopsJson(*pinned)},
                      {"ratio_p50_paced", ratio_pinned}};
     }
     j["goal_ratio_p50"] = 1.25;
