@@ -213,8 +213,7 @@ absl::Status GlobalController::Execute(std::function<absl::Status()> fn, absl::D
     commands_.push_back(Command{std::move(fn), state});
     has_commands_.store(true, std::memory_order_release);
   }
-  // Event mode: the data-plane thread may be asleep in Wait for up to idle_wait (1 ms); without this every operator
-  // command (a doorbell ring, a policy switch) waited for that timeout — ~0.6 ms of each RingDoorbell RPC.
+  // Event mode: the data-plane thread may be asleep in Wait (without a timeout by default); the command wakes it.
   transport_->Wake();
   std::unique_lock<std::mutex> l(state->mu);
   if (!state->cv.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return state->done; })) {
@@ -372,6 +371,7 @@ absl::StatusOr<size_t> GlobalController::PollOnce() {
 
 absl::Status GlobalController::Run(std::stop_token stop) {
   poll_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+  const std::stop_callback wake_on_stop(stop, [this] { transport_->Wake(); });  // the wait may have no timeout
   absl::Status result;
   while (!stop.stop_requested()) {
     RunCommands();

@@ -86,10 +86,11 @@ struct GlobalControllerConfig {
   uint64_t ioapic_mmio_base = 0xFEC00000;
   uint16_t console_base = ConsoleUart::kCom1Base;
   uint16_t doorbell_base = Doorbell::kDefaultBase;
-  /// Run(): kBusyPoll spins on Poll; kEvent sleeps in Wait for at most `idle_wait`. An operator command wakes the
-  /// sleeping thread (Transport::Wake), so it does not wait for the timeout.
+  /// Run(): kBusyPoll spins on Poll; kEvent sleeps in Wait for at most `idle_wait` (by default without a timeout:
+  /// a frame, an operator command (Transport::Wake), a lost node or the stop request wakes it, so an idle data
+  /// plane neither wakes up nor arms a timer around each frame).
   transport::WaitMode wait_mode = transport::WaitMode::kEvent;
-  absl::Duration idle_wait = absl::Milliseconds(1);
+  absl::Duration idle_wait = absl::InfiniteDuration();
   /// Console lines of the VM (data-plane thread). May be empty.
   ConsoleSink console;
   /// A node's data-plane connection was lost (data-plane thread, once per node). May be empty.

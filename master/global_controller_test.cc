@@ -4,7 +4,9 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <mutex>
 #include <thread>
 
@@ -39,6 +41,7 @@ struct Fixture {
   std::mutex mu;
   std::vector<std::pair<uint32_t, std::string>> console;
   std::vector<NodeId> lost;
+  std::atomic<pid_t> tid{0};  // the data-plane thread's
 
   static std::unique_ptr<Fixture> Make(std::vector<PinProgram> pins = {}) {
     auto f = std::make_unique<Fixture>();
@@ -63,7 +66,10 @@ struct Fixture {
     EXPECT_TRUE(gc.ok()) << gc.status();
     if (!gc.ok()) return nullptr;
     f->gc = *std::move(gc);
-    f->thread = std::jthread([raw](std::stop_token st) { EXPECT_TRUE(raw->gc->Run(st).ok()); });
+    f->thread = std::jthread([raw](std::stop_token st) {
+      raw->tid.store(::gettid());
+      EXPECT_TRUE(raw->gc->Run(st).ok());
+    });
     return f;
   }
   transport::TcpTransport& node(NodeId n) { return star.node(n == kStranger ? 4 : n.value()); }
@@ -482,6 +488,29 @@ TEST(GlobalController, ALostNodeIsReportedAndNothingHangs) {
   ASSERT_TRUE(f->gc->Ring(kC, Gsi(3), TriggerMode::kEdge, true).ok());
   EXPECT_TRUE(NextFrame(f->node(kC)));
   EXPECT_EQ(f->gc->counters().nodes_lost, 1u);
+}
+
+// Event mode waits without a timeout (a 1 ms timeout woke the idle thread a thousand times a second and armed a
+// timer around every frame, ~7 µs each way on a virtualised host): a frame, a command or the stop request wakes it.
+TEST(GlobalController, AnIdleDataPlaneSleepsUntilAFrameACommandOrTheStop) {
+  auto f = Fixture::Make({{3, RedirectionEntry(Vector(0x33), DeliveryMode::kFixed, DestMode::kPhysical,
+                                               TriggerMode::kEdge, 2)}});
+  ASSERT_TRUE(f);
+  ASSERT_TRUE(WaitFor([&] { return f->tid.load() != 0; }));
+  absl::SleepFor(absl::Milliseconds(50));
+  const int64_t idle = testing::SleepsDuring(f->tid.load(), absl::Milliseconds(300));
+  ASSERT_GE(idle, 0) << "no voluntary_ctxt_switches in /proc for the data-plane thread";
+  EXPECT_LE(idle, 3) << "the idle data-plane thread woke up " << idle << " times in 300 ms";
+  f->Send(kA, GsiFrame(3, true));
+  EXPECT_EQ(ExpectDeliver(f->node(kB)).vector, Vector(0x33));
+  const absl::Time ring = absl::Now();
+  ASSERT_TRUE(f->gc->Ring(kC, Gsi(3), TriggerMode::kEdge, true).ok());  // a command: Execute wakes the thread
+  EXPECT_LT(absl::Now() - ring, absl::Seconds(1));
+  EXPECT_TRUE(NextFrame(f->node(kC)));
+  const absl::Time stop = absl::Now();
+  f->thread.request_stop();
+  f->thread.join();  // hangs (ctest's timeout) if the stop request did not wake the thread
+  EXPECT_LT(absl::Now() - stop, absl::Seconds(1));
 }
 
 TEST(GlobalController, CreateRefusesBadConfigs) {

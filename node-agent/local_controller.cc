@@ -372,6 +372,7 @@ void LocalController::OnGuestEoi(VcpuIndex vcpu, Vector vector) {
 absl::StatusOr<size_t> LocalController::PollOnce() { return Handle(transport_->Poll(batch_)); }
 
 absl::Status LocalController::Run(std::stop_token stop) {
+  const std::stop_callback wake_on_stop(stop, [this] { transport_->Wake(); });  // the wait may have no timeout
   absl::Status result;
   while (!stop.stop_requested()) {
     auto n = config_.wait_mode == transport::WaitMode::kBusyPoll ? transport_->Poll(batch_)

@@ -71,9 +71,10 @@ struct LocalControllerConfig {
   uint32_t num_vcpus = 0;
   /// The vCPUs this node runs.
   std::vector<VcpuIndex> owned;
-  /// Run(): kBusyPoll spins on Poll; kEvent sleeps in Wait for at most `idle_wait` at a time.
+  /// Run(): kBusyPoll spins on Poll; kEvent sleeps in Wait for at most `idle_wait` at a time (by default without a
+  /// timeout: a frame, a lost peer or the stop request wakes it; no timer is armed around each frame).
   transport::WaitMode wait_mode = transport::WaitMode::kEvent;
-  absl::Duration idle_wait = absl::Milliseconds(5);
+  absl::Duration idle_wait = absl::InfiniteDuration();
   /// A traced delivery was injected: its trace block, every hop filled (data-plane thread). May be empty.
   std::function<void(const transport::TraceBlock&)> on_trace;
   /// Per vCPU index of the VM: the node that runs it and its APIC ID. Needed by ForwardIpi / ForwardIcr and by the

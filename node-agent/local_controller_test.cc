@@ -4,7 +4,9 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -67,6 +69,7 @@ struct Fixture {
   absl::Status run_status;
   std::mutex trace_mu;
   std::vector<transport::TraceBlock> traces;
+  std::atomic<pid_t> tid{0};  // the data-plane thread's
 
   static std::unique_ptr<Fixture> Make(IoForwarderOptions io_options = {}) {
     auto f = std::make_unique<Fixture>();
@@ -88,7 +91,10 @@ struct Fixture {
     if (!lc.ok()) return nullptr;
     f->lc = *std::move(lc);
     f->io = std::make_unique<IoForwarder>(f->lc.get(), 4, io_options);
-    f->thread = std::jthread([raw](std::stop_token st) { raw->run_status = raw->lc->Run(st); });
+    f->thread = std::jthread([raw](std::stop_token st) {
+      raw->tid.store(::gettid());
+      raw->run_status = raw->lc->Run(st);
+    });
     return f;
   }
   transport::TcpTransport& master() { return star.master(); }
@@ -133,6 +139,27 @@ TEST(LocalController, EdgeIsOneTracedFrame) {
   EXPECT_FALSE(NextFrame(f->master(), absl::Milliseconds(50))) << "an edge is one frame";
   EXPECT_EQ(f->lc->RaiseEdge(Gsi(4096)).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(f->lc->counters().raised, 1u);
+}
+
+// Event mode waits without a timeout: the idle data-plane thread does not wake up (it woke every 5 ms and armed a
+// timer around every frame); a frame or the stop request wakes it.
+TEST(LocalController, AnIdleDataPlaneSleepsUntilAFrameOrTheStop) {
+  auto f = Fixture::Make();
+  ASSERT_TRUE(f);
+  for (int i = 0; i < 500 && f->tid.load() == 0; ++i) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_NE(f->tid.load(), 0);
+  absl::SleepFor(absl::Milliseconds(50));
+  const int64_t idle = testing::SleepsDuring(f->tid.load(), absl::Milliseconds(300));
+  ASSERT_GE(idle, 0) << "no voluntary_ctxt_switches in /proc for the data-plane thread";
+  EXPECT_LE(idle, 3) << "the idle data-plane thread woke up " << idle << " times in 300 ms";
+  f->FromMaster(Deliver(3, 0x45));
+  ASSERT_TRUE(f->port.WaitFor(1));
+  EXPECT_EQ(f->port.injections()[0].vector, Vector(0x45));
+  const absl::Time stop = absl::Now();
+  f->thread.request_stop();
+  f->thread.join();  // hangs (ctest's timeout) if the stop request did not wake the thread
+  EXPECT_LT(absl::Now() - stop, absl::Seconds(1));
+  EXPECT_TRUE(f->run_status.ok()) << f->run_status;
 }
 
 TEST(LocalController, LevelIsHeldAndUnchangedLevelsSendNothing) {

@@ -437,6 +437,8 @@ void TcpTransport::MarkLost(Peer& p, std::string reason) {
   p.loss_reason = fmt::format("lost tcp connection to node {} ({}): {}", p.node, p.address, reason);
   p.loss_ready.store(true, std::memory_order_release);
   peers_lost_.fetch_add(1, std::memory_order_relaxed);
+  // Its descriptor just left the epoll set: a Wait without a timeout, asleep in another thread, must still report it.
+  waker_.Kick();
 }
 
 absl::Status TcpTransport::Send(NodeId to, Frame& frame) {
@@ -565,6 +567,7 @@ absl::StatusOr<size_t> TcpTransport::Wait(std::span<ReceivedFrame> out, absl::Du
   if (closed_) return absl::FailedPreconditionError("Wait on a closed tcp transport");
   if (out.empty()) return size_t{0};
   const uint64_t start = MonotonicNanos();
+  const bool forever = timeout == absl::InfiniteDuration();
   const uint64_t limit = static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Nanoseconds(timeout)));
   if (options_.wait_mode == WaitMode::kBusyPoll) {
     for (uint32_t spin = 0;; ++spin) {
@@ -585,9 +588,13 @@ absl::StatusOr<size_t> TcpTransport::Wait(std::span<ReceivedFrame> out, absl::Du
   // A Wake whose eventfd write an earlier Consume already drained left only the flag: honour it without sleeping.
   if (waker_.pending() && waker_.Consume()) return size_t{0};
   for (;;) {
-    const uint64_t elapsed = MonotonicNanos() - start;
-    const int ms = elapsed >= limit ? 0 : static_cast<int>(std::min<uint64_t>((limit - elapsed + 999'999) / 1'000'000,
-                                                                               1u << 30));
+    // Untimed: epoll_wait(-1) arms no timer (a timer armed and cancelled around every frame costs a clock-event
+    // reprogramming each time, which is a VM exit for a virtualised host).
+    const uint64_t elapsed = forever ? 0 : MonotonicNanos() - start;
+    const int ms = forever ? -1
+                   : elapsed >= limit
+                       ? 0
+                       : static_cast<int>(std::min<uint64_t>((limit - elapsed + 999'999) / 1'000'000, 1u << 30));
     epoll_event events[kMaxEpollEvents];
     const int ready = ::epoll_wait(epoll_fd_, events, kMaxEpollEvents, ms);
     if (ready < 0 && errno != EINTR) return absl::InternalError(fmt::format("epoll_wait: {}", Errno(errno)));

@@ -193,6 +193,44 @@ TEST_P(TcpModes, WakeEndsAWaitAndIsConsumedOnce) {
   EXPECT_EQ(std::get<IpiPayload>(got[0].frame.payload).source_vcpu, VcpuIndex(7));
 }
 
+// absl::InfiniteDuration(): the controllers' idle wait (epoll_wait(-1) in event mode, no timer). Only a frame, a
+// Wake or a lost peer ends it.
+TEST_P(TcpModes, UntimedWaitEndsOnAFrameAWakeOrALostPeer) {
+  auto a = Make(1, GetParam());
+  auto b = Make(2, GetParam());
+  ConnectMesh({a.get(), b.get()});
+  std::array<ReceivedFrame, 4> buf;
+  auto wait = [&] { return std::async(std::launch::async, [&] { return b->Wait(buf, absl::InfiniteDuration()); }); };
+  auto ended = [](auto& w) { return w.wait_for(std::chrono::seconds(5)) == std::future_status::ready; };
+
+  auto w = wait();
+  EXPECT_EQ(w.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout) << "ended with nothing to say";
+  Frame f = Ipi(5);
+  ASSERT_TRUE(a->Send(NodeId(2), f).ok());
+  if (!ended(w)) b->Wake();  // fail, not hang
+  auto r = w.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(*r, 1u) << "the frame did not end the untimed Wait";
+  EXPECT_EQ(std::get<IpiPayload>(buf[0].frame.payload).source_vcpu, VcpuIndex(5));
+
+  w = wait();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  b->Wake();
+  ASSERT_TRUE(ended(w)) << "the Wake did not end the untimed Wait";
+  r = w.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 0u);
+
+  w = wait();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  a->Close();
+  if (!ended(w)) b->Wake();
+  r = w.get();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << "the lost peer did not end the untimed Wait: "
+                                                               << r.status();
+  EXPECT_THAT(r.status().message(), HasSubstr("node 1"));
+}
+
 TEST_P(TcpModes, FourNodeMeshAllToAll) {
   std::vector<std::unique_ptr<TcpTransport>> ts;
   std::vector<TcpTransport*> raw;

@@ -67,7 +67,9 @@ class Transport {
   /// (the message names it); frames received before the loss are still returned by earlier calls.
   virtual absl::StatusOr<size_t> Poll(std::span<ReceivedFrame> out) = 0;
   /// Like Poll but waits up to `timeout` for at least one frame (busy-polling or sleeping per the WaitMode). Returns
-  /// early, with what arrived (possibly 0 frames), once Wake() was called.
+  /// early, with what arrived (possibly 0 frames), once Wake() was called or a peer was lost (also when another
+  /// thread's Send found the loss). absl::InfiniteDuration(): no timeout at all (event mode arms no timer), so only
+  /// a frame, a Wake or a loss ends the wait.
   virtual absl::StatusOr<size_t> Wait(std::span<ReceivedFrame> out, absl::Duration timeout) = 0;
   /// Any thread: makes the Wait in progress (or the next one) return at once, so that the polling thread can run
   /// work queued for it by another thread. Cheap enough per operator command; not for the per-frame path.

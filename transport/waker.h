@@ -31,6 +31,15 @@ class Waker {
       [[maybe_unused]] const ssize_t n = ::write(fd_, &one, sizeof one);  // EAGAIN only at 2^64-1: already readable
     }
   }
+  /// Any thread: ends a sleep in progress (or the next one) without asking the waiter to return — it re-checks what
+  /// it sleeps for (say, a peer that another thread's Send found lost) and sleeps again if there is nothing to
+  /// report. Unlike Wake, a Kick never makes a Wait return 0 frames by itself.
+  void Kick() noexcept {
+    if (fd_ >= 0) {
+      const uint64_t one = 1;
+      [[maybe_unused]] const ssize_t n = ::write(fd_, &one, sizeof one);
+    }
+  }
   /// The waiting thread: true if a Wake came since the last Consume. Always drains the eventfd: a Wake whose flag
   /// an earlier Consume already took may still have written it, and a readable eventfd with nothing behind it
   /// would make every later sleep return at once.

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "common/clock.h"
+#include "common/thread.h"
 #include "node-agent/irq_probe.h"
 #include "node-agent/probe_vm.h"
 #include "transport/tcp_transport.h"
@@ -22,6 +23,28 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
+
+// Places the calling thread on `cpus` (nothing if empty) for its lifetime, then restores where it could run before.
+class ScopedPlacement {
+ public:
+  explicit ScopedPlacement(const std::vector<int>& cpus) : before_(ThreadCpus(pthread_self())) {
+    if (!cpus.empty()) {
+      status_ = PinThisThread(cpus);
+      placed_ = status_.ok();
+    }
+  }
+  ~ScopedPlacement() {
+    if (placed_) (void)PinThisThread(before_);
+  }
+  ScopedPlacement(const ScopedPlacement&) = delete;
+  ScopedPlacement& operator=(const ScopedPlacement&) = delete;
+  [[nodiscard]] const absl::Status& status() const { return status_; }
+
+ private:
+  std::vector<int> before_;
+  absl::Status status_;
+  bool placed_ = false;
+};
 
 }  // namespace
 
@@ -67,8 +90,10 @@ void RemoveLogs(const BenchCluster& b) {
 }
 
 absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
-                                                int port, absl::Duration pace) {
+                                                int port, absl::Duration pace, const std::vector<int>& cpus) {
   using namespace transport;
+  const ScopedPlacement placement(cpus);
+  if (!placement.status().ok()) return placement.status();
   const std::string a = fmt::format("{}:{}", cluster.host(from), port);
   const std::string b = fmt::format("{}:{}", cluster.host(to), port + 1);
   std::unique_ptr<TcpTransport> ta, tb;
@@ -109,6 +134,7 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
   };
   absl::Status echo_status;
   std::thread echo([&] {
+    if (!cpus.empty()) echo_status = PinThisThread(cpus);
     ReceivedFrame f;
     for (size_t i = 0; i < n && echo_status.ok(); ++i) {
       echo_status = receive(*tb, f);
@@ -144,7 +170,9 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
 }
 
 absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace,
-                                         agent::IrqProbe::Waiter waiter) {
+                                         agent::IrqProbe::Waiter waiter, const std::vector<int>& cpus) {
+  const ScopedPlacement placement(cpus);
+  if (!placement.status().ok()) return placement.status();
   agent::ProbeVmConfig c;
   c.guest_elf = AGGVM_PROBE_GUEST_ELF;
   c.irqchip = irqchip;
@@ -155,6 +183,13 @@ absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, ab
   auto vm = agent::ProbeVm::Create(c);
   if (!vm.ok()) return vm.status();
   if (auto s = (*vm)->Start(); !s.ok()) return s;
+  for (VcpuIndex v : (*vm)->local_vcpus()) {
+    if (cpus.empty()) break;
+    if (auto s = (*vm)->thread(v).Pin(cpus); !s.ok()) {
+      (*vm)->Stop();
+      return s;
+    }
+  }
   LocalMsi out;
   out.tsc_khz = (*vm)->tsc_khz();
   absl::Status st;

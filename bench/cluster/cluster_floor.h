@@ -40,9 +40,11 @@ void RemoveLogs(const BenchCluster& b);
 /// launcher's topology (namespaces, or loopback), on ports `port` and `port + 1`. Run it with the daemons stopped.
 /// pace == 0: back to back (each side's thread has just run when the next frame comes); pace > 0: one round trip
 /// every `pace` (from the previous send), so both threads sleep in epoll in between, as the data-plane threads do
-/// between the cluster's samples.
+/// between the cluster's samples. `cpus` non-empty: both threads run on these CPUs (the calling thread's own placement is
+/// restored before returning), as a placed cluster's data-plane threads do.
 absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
-                                                int port = 17700, absl::Duration pace = absl::ZeroDuration());
+                                                int port = 17700, absl::Duration pace = absl::ZeroDuration(),
+                                                const std::vector<int>& cpus = {});
 
 struct LocalMsi {
   std::vector<double> to_handler_us;  // KVM_SIGNAL_MSI (or the user irqchip's MSI) -> guest handler entry
@@ -53,8 +55,11 @@ struct LocalMsi {
 /// pace > 0: one MSI every `pace` (measured from the previous injection), so the vCPU has gone to sleep in between,
 /// as in the cluster samples.
 /// `waiter`: how the injecting thread waits for each record (agent::IrqProbe::Waiter; spinning by default).
+/// `cpus` non-empty: the injecting thread and the VM's vCPU threads run on these CPUs (the calling thread's own
+/// placement is restored before returning), as a placed node's data-plane and vCPU threads do.
 absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, absl::Duration pace,
-                                         agent::IrqProbe::Waiter waiter = agent::IrqProbe::Waiter::kSpin);
+                                         agent::IrqProbe::Waiter waiter = agent::IrqProbe::Waiter::kSpin,
+                                         const std::vector<int>& cpus = {});
 
 struct LocalIpi {
   std::vector<double> round_trip_us;

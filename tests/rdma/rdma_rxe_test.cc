@@ -223,6 +223,26 @@ TEST(RdmaRxe, EventModeWaitWakesAndTimesOut) {
   auto slept = p.b->Wait(buf, absl::Milliseconds(200));
   ASSERT_TRUE(slept.ok()) << slept.status();
   EXPECT_GE(Clock::now() - s0, std::chrono::milliseconds(150)) << "a consumed Wake still ended the next Wait";
+  // Untimed (absl::InfiniteDuration(), the controllers' idle wait: ppoll without a timeout): a frame ends it, then
+  // a Wake does.
+  std::thread late_sender([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    Frame f = Ping(50);
+    ASSERT_TRUE(p.a->Send(NodeId(2), f).ok());
+  });
+  auto untimed = p.b->Wait(buf, absl::InfiniteDuration());
+  late_sender.join();
+  ASSERT_TRUE(untimed.ok()) << untimed.status();
+  ASSERT_EQ(*untimed, 1u);
+  ASSERT_NO_FATAL_FAILURE(ExpectPing(buf[0], NodeId(1), 50));
+  std::thread untimed_waker([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    p.b->Wake();
+  });
+  untimed = p.b->Wait(buf, absl::InfiniteDuration());
+  untimed_waker.join();
+  ASSERT_TRUE(untimed.ok()) << untimed.status();
+  EXPECT_EQ(*untimed, 0u);
 }
 
 // Node 1 as an RdmaTransport, node 2 as a raw RC endpoint that can send any bytes.

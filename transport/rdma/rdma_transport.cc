@@ -284,6 +284,7 @@ void RdmaTransport::MarkLost(Peer& peer, const ibv_wc& wc) {
                 static_cast<int>(wc.status), wc.vendor_err, hint);
   peers_lost_.fetch_add(1, std::memory_order_relaxed);
   peer.loss.store(kLossSet, std::memory_order_release);
+  waker_.Kick();  // a loss found by a sender's send CQ ends an untimed Wait in the polling thread (which reports it)
 }
 
 absl::Status RdmaTransport::ReapSends(Peer& peer) {
@@ -440,13 +441,14 @@ absl::StatusOr<size_t> RdmaTransport::Poll(std::span<ReceivedFrame> out) {
 
 absl::StatusOr<size_t> RdmaTransport::Wait(std::span<ReceivedFrame> out, absl::Duration timeout) {
   const uint64_t start = MonotonicNanos();
+  const bool forever = timeout == absl::InfiniteDuration();
   const uint64_t budget = static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Nanoseconds(timeout)));
   for (;;) {
     auto r = Poll(out);
     if (!r.ok() || *r > 0) return r;
     if (waker_.pending() && waker_.Consume()) return 0;
     const uint64_t elapsed = MonotonicNanos() - start;
-    if (elapsed >= budget) return 0;
+    if (!forever && elapsed >= budget) return 0;
     if (options_.wait_mode == WaitMode::kBusyPoll) continue;
 
     // Event mode: arm the CQ, then poll once more — a completion that arrived before arming raises no event.
@@ -459,7 +461,7 @@ absl::StatusOr<size_t> RdmaTransport::Wait(std::span<ReceivedFrame> out, absl::D
     const uint64_t left = budget - std::min(budget, MonotonicNanos() - start);
     timespec ts{static_cast<time_t>(left / 1'000'000'000u), static_cast<long>(left % 1'000'000'000u)};
     pollfd pfd[2] = {{channel_->fd, POLLIN, 0}, {waker_.fd(), POLLIN, 0}};
-    const int rc = ppoll(pfd, waker_.fd() >= 0 ? 2 : 1, &ts, nullptr);
+    const int rc = ppoll(pfd, waker_.fd() >= 0 ? 2 : 1, forever ? nullptr : &ts, nullptr);  // untimed: no timer
     if (rc < 0 && errno != EINTR) return absl::InternalError(Cat("ppoll failed: ", ErrnoText(errno)));
     if (rc > 0 && (pfd[1].revents & POLLIN) != 0 && waker_.Consume()) return 0;
     if (rc > 0 && (pfd[0].revents & POLLIN) != 0) {
