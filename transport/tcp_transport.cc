@@ -212,7 +212,12 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(NodeId self, 
   uint16_t port = 0;
   if (ss.ss_family == AF_INET) port = ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
   if (ss.ss_family == AF_INET6) port = ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
-  return std::unique_ptr<TcpTransport>(new TcpTransport(self, std::move(options), fd, port));
+  std::unique_ptr<TcpTransport> t(new TcpTransport(self, std::move(options), fd, port));
+  if (t->options_.wait_mode == WaitMode::kEvent && t->waker_.fd() < 0) {
+    return absl::ResourceExhaustedError("eventfd for the transport's waker failed: an event-mode Wait could not be "
+                                        "woken (out of file descriptors?)");
+  }
+  return t;
 }
 
 TcpTransport::TcpTransport(NodeId self, TcpTransportOptions options, int listen_fd, uint16_t port)
@@ -585,9 +590,10 @@ absl::StatusOr<size_t> TcpTransport::Wait(std::span<ReceivedFrame> out, absl::Du
   }
   if (n > 0) return n;
   if (auto r = Finish(0); !r.ok()) return r;
-  // A Wake whose eventfd write an earlier Consume already drained left only the flag: honour it without sleeping.
-  if (waker_.pending() && waker_.Consume()) return size_t{0};
   for (;;) {
+    // A Wake whose eventfd write an earlier Consume already drained (here, or in a round woken by a Waker::Kick)
+    // left only the flag: honour it without sleeping.
+    if (waker_.pending() && waker_.Consume()) return Finish(0);
     // Untimed: epoll_wait(-1) arms no timer (a timer armed and cancelled around every frame costs a clock-event
     // reprogramming each time, which is a VM exit for a virtualised host).
     const uint64_t elapsed = forever ? 0 : MonotonicNanos() - start;

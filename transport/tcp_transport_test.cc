@@ -1,7 +1,9 @@
 // Hermetic tests of TcpTransport on loopback (port 0): mesh set-up, order, error paths, hostile peers.
 #include "transport/tcp_transport.h"
+#include "transport/waker.h"
 
 #include <arpa/inet.h>
+#include <poll.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -9,6 +11,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
 #include <map>
 
@@ -193,6 +196,59 @@ TEST_P(TcpModes, WakeEndsAWaitAndIsConsumedOnce) {
   EXPECT_EQ(std::get<IpiPayload>(got[0].frame.payload).source_vcpu, VcpuIndex(7));
 }
 
+// Kick: wakes a sleep (the eventfd is readable) without asking the waiter to return; a Wake is seen once, also when a
+// Kick's write is drained with it.
+TEST(Waker, KickWakesASleepButIsNoWakeAndAWakeIsSeenOnce) {
+  Waker w;
+  ASSERT_GE(w.fd(), 0);
+  auto readable = [&] {
+    pollfd p{w.fd(), POLLIN, 0};
+    return ::poll(&p, 1, 0) == 1 && (p.revents & POLLIN) != 0;
+  };
+  EXPECT_FALSE(readable());
+  w.Kick();
+  EXPECT_TRUE(readable()) << "a Kick must end a sleep on the eventfd";
+  EXPECT_FALSE(w.pending());
+  EXPECT_FALSE(w.Consume()) << "a Kick is not a Wake";
+  EXPECT_FALSE(readable()) << "Consume drains the eventfd";
+  w.Kick();
+  w.Wake();
+  w.Kick();
+  EXPECT_TRUE(w.pending());
+  EXPECT_TRUE(w.Consume());
+  EXPECT_FALSE(w.Consume()) << "one Wake, one true";
+  EXPECT_FALSE(readable());
+  // Wakes from another thread while this one consumes kicks: every Wake is seen (the flag survives a drained write).
+  std::atomic<int> seen{0};
+  std::atomic<bool> done{false};
+  std::thread waiter([&] {
+    while (!done.load()) {
+      if (w.pending() && w.Consume()) {
+        seen.fetch_add(1);
+        continue;
+      }
+      pollfd p{w.fd(), POLLIN, 0};
+      (void)::poll(&p, 1, 1000);
+      if (w.Consume()) seen.fetch_add(1);
+    }
+  });
+  int lost = 0;
+  for (int i = 1; i <= 500; ++i) {
+    w.Kick();
+    w.Wake();
+    const absl::Time end = absl::Now() + absl::Milliseconds(500);
+    while (seen.load() < i && absl::Now() < end) std::this_thread::yield();
+    if (seen.load() < i) {
+      ++lost;
+      seen.store(i);
+    }
+  }
+  done.store(true);
+  w.Kick();
+  waiter.join();
+  EXPECT_EQ(lost, 0) << "Wakes not seen within 500 ms";
+}
+
 // absl::InfiniteDuration(): the controllers' idle wait (epoll_wait(-1) in event mode, no timer). Only a frame, a
 // Wake or a lost peer ends it.
 TEST_P(TcpModes, UntimedWaitEndsOnAFrameAWakeOrALostPeer) {
@@ -206,8 +262,9 @@ TEST_P(TcpModes, UntimedWaitEndsOnAFrameAWakeOrALostPeer) {
   auto w = wait();
   EXPECT_EQ(w.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout) << "ended with nothing to say";
   Frame f = Ipi(5);
-  ASSERT_TRUE(a->Send(NodeId(2), f).ok());
-  if (!ended(w)) b->Wake();  // fail, not hang
+  const absl::Status sent = a->Send(NodeId(2), f);
+  if (!sent.ok() || !ended(w)) b->Wake();  // fail, not hang
+  ASSERT_TRUE(sent.ok()) << sent;
   auto r = w.get();
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(*r, 1u) << "the frame did not end the untimed Wait";

@@ -42,17 +42,19 @@ class Waker {
   }
   /// The waiting thread: true if a Wake came since the last Consume. Always drains the eventfd: a Wake whose flag
   /// an earlier Consume already took may still have written it, and a readable eventfd with nothing behind it
-  /// would make every later sleep return at once.
+  /// would make every later sleep return at once. Drains first, then takes the flag: a Wake whose write this read
+  /// swallowed set its flag before writing, so the exchange sees it (the other order could drain a Wake's write
+  /// after clearing the flag it set just before, leaving a set flag with nothing to wake a sleep without timeout).
   bool Consume() noexcept {
-    const bool woken = pending_.exchange(false, std::memory_order_acq_rel);
     if (fd_ >= 0) {
       uint64_t v = 0;
       [[maybe_unused]] const ssize_t n = ::read(fd_, &v, sizeof v);
     }
-    return woken;
+    return pending_.exchange(false, std::memory_order_acq_rel);
   }
   [[nodiscard]] bool pending() const noexcept { return pending_.load(std::memory_order_acquire); }
-  /// -1 if eventfd failed: then only the flag works (busy polling) and an event-mode Wait runs to its timeout.
+  /// -1 if eventfd failed: then only the flag works (busy polling); the transports refuse to be created in event
+  /// mode without it, since a Wait without a timeout could then not be woken.
   [[nodiscard]] int fd() const noexcept { return fd_; }
 
  private:

@@ -28,13 +28,20 @@ void OnSignal(int) { g_stop.store(true); }
 class ScopedPlacement {
  public:
   explicit ScopedPlacement(const std::vector<int>& cpus) : before_(ThreadCpus(pthread_self())) {
-    if (!cpus.empty()) {
-      status_ = PinThisThread(cpus);
-      placed_ = status_.ok();
+    if (cpus.empty()) return;
+    if (before_.empty()) {  // could not be put back: the floors measured after this one would run placed
+      status_ = absl::InternalError("cannot read this thread's CPUs (sched_getaffinity) to restore them afterwards");
+      return;
     }
+    status_ = PinThisThread(cpus);
+    placed_ = status_.ok();
   }
   ~ScopedPlacement() {
-    if (placed_) (void)PinThisThread(before_);
+    if (!placed_) return;
+    if (const absl::Status s = PinThisThread(before_); !s.ok()) {
+      std::fprintf(stderr, "cluster bench: could not restore the thread's CPUs after a placed floor (%s); the "
+                           "measurements after it ran placed\n", std::string(s.message()).c_str());
+    }
   }
   ScopedPlacement(const ScopedPlacement&) = delete;
   ScopedPlacement& operator=(const ScopedPlacement&) = delete;

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <memory>
 #include <span>
 #include <string>
@@ -80,6 +82,22 @@ inline int64_t SleepsDuring(pid_t tid, absl::Duration window) {
   absl::SleepFor(window);
   const int64_t after = VoluntarySwitches(tid);
   return before < 0 || after < 0 ? -1 : after - before;
+}
+
+/// Asks `t` to stop and joins it; false if it had not ended within `timeout` — then `unstick` is called (a Wake of
+/// the transport it sleeps on) before joining, so that the test fails instead of hanging.
+inline bool StopsWithin(std::jthread& t, absl::Duration timeout, const std::function<void()>& unstick) {
+  t.request_stop();
+  std::promise<void> joined;
+  auto done = joined.get_future();
+  std::thread joiner([&] {
+    t.join();
+    joined.set_value();
+  });
+  const bool in_time = done.wait_for(absl::ToChronoNanoseconds(timeout)) == std::future_status::ready;
+  if (!in_time) unstick();
+  joiner.join();
+  return in_time;
 }
 
 /// The next frame `t` receives within `timeout` (skipping control pings), or nullopt.

@@ -228,7 +228,10 @@ TEST(RdmaRxe, EventModeWaitWakesAndTimesOut) {
   std::thread late_sender([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     Frame f = Ping(50);
-    ASSERT_TRUE(p.a->Send(NodeId(2), f).ok());
+    if (const absl::Status sent = p.a->Send(NodeId(2), f); !sent.ok()) {
+      ADD_FAILURE() << sent;
+      p.b->Wake();  // fail, not hang
+    }
   });
   auto untimed = p.b->Wait(buf, absl::InfiniteDuration());
   late_sender.join();
