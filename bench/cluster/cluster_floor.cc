@@ -1,12 +1,16 @@
 #include "bench/cluster/cluster_floor.h"
 
+#include <linux/futex.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <thread>
 
@@ -23,6 +27,14 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
+
+// A futex on a 32-bit atomic, without timeout (the stream floor's sender must not arm a timer while it waits).
+void FutexWaitWhile(std::atomic<uint32_t>& word, uint32_t value) {
+  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+}
+void FutexWakeAll(std::atomic<uint32_t>& word) {
+  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
 
 // Places the calling thread on `cpus` (nothing if empty) for its lifetime, then restores where it could run before.
 class ScopedPlacement {
@@ -97,7 +109,8 @@ void RemoveLogs(const BenchCluster& b) {
 }
 
 absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
-                                                int port, absl::Duration pace, const std::vector<int>& cpus) {
+                                                int port, absl::Duration pace, const std::vector<int>& cpus,
+                                                OneWay how) {
   using namespace transport;
   const ScopedPlacement placement(cpus);
   if (!placement.status().ok()) return placement.status();
@@ -131,22 +144,44 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
       if (s.code() != absl::StatusCode::kResourceExhausted) return s;
     }
   };
-  auto receive = [](Transport& t, ReceivedFrame& out) -> absl::Status {
-    for (int tries = 0; tries < 10; ++tries) {
-      auto r = t.Wait(std::span(&out, 1), absl::Seconds(1));
+  // Untimed, as the cluster's data-plane threads wait: a timed wait would arm and cancel a timer around each frame,
+  // which the cluster no longer pays. A side that fails sets `abandon` and wakes the other one's wait.
+  std::atomic<bool> abandon{false};
+  auto receive = [&abandon](Transport& t, ReceivedFrame& out) -> absl::Status {
+    for (;;) {
+      auto r = t.Wait(std::span(&out, 1), absl::InfiniteDuration());
       if (!r.ok()) return r.status();
       if (*r == 1) return absl::OkStatus();
+      if (abandon.load()) return absl::CancelledError("the other side of the floor's transport failed");
     }
-    return absl::DeadlineExceededError("no frame within 10 s");
   };
-  absl::Status echo_status;
-  std::thread echo([&] {
-    if (!cpus.empty()) echo_status = PinThisThread(cpus);
+  auto give_up = [&abandon](Transport& other) {
+    abandon.store(true);
+    other.Wake();
+  };
+  // The far side echoes each frame (round trip), or stamps its arrival and tells the sender so (stream).
+  absl::Status far_status;
+  std::vector<uint64_t> arrived_ns(n, 0), sent_ns(n, 0);
+  std::atomic<uint32_t> stamped{0};  // stream: frames whose arrival the far side has stamped (futex word)
+  std::thread far([&] {
+    if (!cpus.empty()) far_status = PinThisThread(cpus);
     ReceivedFrame f;
-    for (size_t i = 0; i < n && echo_status.ok(); ++i) {
-      echo_status = receive(*tb, f);
-      if (echo_status.ok()) echo_status = send(*tb, NodeId(1), f.frame);
+    for (size_t i = 0; i < n && far_status.ok(); ++i) {
+      far_status = receive(*tb, f);
+      if (!far_status.ok()) break;
+      if (how == OneWay::kRoundTripHalf) {
+        far_status = send(*tb, NodeId(1), f.frame);
+        continue;
+      }
+      const uint64_t at = MonotonicNanos();
+      const auto* c = std::get_if<ControlPayload>(&f.frame.payload);
+      if (c != nullptr && c->arg0 < n) arrived_ns[c->arg0] = at;
+      stamped.store(static_cast<uint32_t>(i + 1), std::memory_order_release);
+      FutexWakeAll(stamped);
     }
+    if (!far_status.ok()) give_up(*ta);
+    stamped.store(std::numeric_limits<uint32_t>::max(), std::memory_order_release);  // never leave the sender asleep
+    FutexWakeAll(stamped);
   });
   std::vector<double> us;
   absl::Status st;
@@ -163,16 +198,34 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
     ping.payload = ControlPayload{.op = ControlPayload::Op::kPing, .arg0 = static_cast<uint32_t>(i), .arg1 = 0};
     const uint64_t t0 = MonotonicNanos();
     last_send = t0;
+    sent_ns[i] = t0;
     st = send(*ta, NodeId(2), ping);
-    if (st.ok()) st = receive(*ta, f);
-    if (st.ok()) us.push_back(static_cast<double>(MonotonicNanos() - t0) / 2e3);
+    if (!st.ok()) break;
+    if (how == OneWay::kRoundTripHalf) {
+      st = receive(*ta, f);
+      if (st.ok()) us.push_back(static_cast<double>(MonotonicNanos() - t0) / 2e3);
+      continue;
+    }
+    // Asleep without a timer until the far side has stamped this frame: the pace's timer is armed only after, so
+    // the sender's own timer never delays the receiver (as a cluster sender's next wait does not: the woken data-
+    // plane thread runs first).
+    for (uint32_t v; (v = stamped.load(std::memory_order_acquire)) < i + 1;) FutexWaitWhile(stamped, v);
+    if (arrived_ns[i] == 0) break;  // the far side stopped: its status says why
   }
-  if (!st.ok()) tb->Close();  // ends the echo thread's wait
-  echo.join();
+  if (!st.ok()) give_up(*tb);  // ends the far thread's wait
+  far.join();
   ta->Close();
   tb->Close();
   if (!st.ok()) return st;
-  if (!echo_status.ok()) return echo_status;
+  if (!far_status.ok()) return far_status;
+  if (how == OneWay::kStream) {
+    for (size_t i = 0; i < n; ++i) {
+      if (arrived_ns[i] < sent_ns[i] || arrived_ns[i] == 0) {
+        return absl::InternalError(fmt::format("one-way stream: frame {} of {} not stamped on arrival", i, n));
+      }
+      us.push_back(static_cast<double>(arrived_ns[i] - sent_ns[i]) / 1e3);
+    }
+  }
   return us;
 }
 

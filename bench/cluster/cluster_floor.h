@@ -36,15 +36,24 @@ bool StopRequested();
 /// Removes the log directory (after a successful run).
 void RemoveLogs(const BenchCluster& b);
 
-/// TcpTransport round trips / 2 (64-byte control frames, event wait mode) between hosts `from` and `to` of the
+/// How TcpOneWayUs measures one way.
+enum class OneWay {
+  kRoundTripHalf,  // round trip / 2: the far side echoes each frame. Its TCP ACK rides on the echo, and the way back
+                   // finds the sender's thread just gone to sleep.
+  kStream,         // frames one way only, as a cluster hop sends them: arrival (stamped by the far side after its
+                   // recv) - send, on the one CLOCK_MONOTONIC both hosts of this machine share. The receiver's TCP
+                   // acknowledges on its own (every second frame, from inside its recv on this kernel).
+};
+/// TcpTransport one-way latency (64-byte control frames, event wait mode) from host `from` to host `to` of the
 /// launcher's topology (namespaces, or loopback), on ports `port` and `port + 1`. Run it with the daemons stopped.
-/// pace == 0: back to back (each side's thread has just run when the next frame comes); pace > 0: one round trip
-/// every `pace` (from the previous send), so both threads sleep in epoll in between, as the data-plane threads do
-/// between the cluster's samples. `cpus` non-empty: both threads run on these CPUs (the calling thread's own placement is
+/// pace == 0: back to back (each side's thread has just run when the next frame comes); pace > 0: one frame every
+/// `pace` (from the previous send), so the threads sleep in epoll in between, as the data-plane threads do between
+/// the cluster's samples. `cpus` non-empty: both threads run on these CPUs (the calling thread's own placement is
 /// restored before returning), as a placed cluster's data-plane threads do.
 absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& cluster, int from, int to, size_t n,
                                                 int port = 17700, absl::Duration pace = absl::ZeroDuration(),
-                                                const std::vector<int>& cpus = {});
+                                                const std::vector<int>& cpus = {},
+                                                OneWay how = OneWay::kRoundTripHalf);
 
 struct LocalMsi {
   std::vector<double> to_handler_us;  // KVM_SIGNAL_MSI (or the user irqchip's MSI) -> guest handler entry
