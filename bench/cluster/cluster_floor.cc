@@ -207,8 +207,8 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
       continue;
     }
     // Asleep without a timer until the far side has stamped this frame: the pace's timer is armed only after, so
-    // the sender's own timer never delays the receiver (as a cluster sender's next wait does not: the woken data-
-    // plane thread runs first).
+    // the sender's own timer never delays the receiver (in the traced cluster the woken data-plane thread ran
+    // before the sender went back to its wait).
     for (uint32_t v; (v = stamped.load(std::memory_order_acquire)) < i + 1;) FutexWaitWhile(stamped, v);
     if (arrived_ns[i] == 0) break;  // the far side stopped: its status says why
   }
@@ -216,8 +216,8 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
   far.join();
   ta->Close();
   tb->Close();
+  if (!far_status.ok()) return far_status;  // first: a far side that failed also cancels the sender's wait
   if (!st.ok()) return st;
-  if (!far_status.ok()) return far_status;
   if (how == OneWay::kStream) {
     for (size_t i = 0; i < n; ++i) {
       if (arrived_ns[i] < sent_ns[i] || arrived_ns[i] == 0) {
