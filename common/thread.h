@@ -11,11 +11,15 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
+#include <future>
 #include <iterator>
 #include <string>
 #include <string_view>
+#include <stop_token>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -133,5 +137,59 @@ inline absl::StatusOr<std::vector<int>> CpuListFlag(std::string_view flag, std::
   }
   return cpus;
 }
+
+/// Starts a thread named `name` that first places itself on `cpus` (stays where it may run now if empty) and then
+/// runs `body(stop_token)`. Returns once the placement is known: the kernel's refusal (the thread has then ended
+/// without running `body`) or the running thread. The thread places itself, rather than its creator placing it,
+/// because a thread that has already exited must never be pinned: glibc would then place the calling thread.
+template <typename Body>
+absl::StatusOr<std::jthread> StartPlacedThread(std::string_view name, std::vector<int> cpus, Body body) {
+  std::promise<absl::Status> placed;
+  std::future<absl::Status> placement = placed.get_future();
+  std::jthread thread([name = std::string(name), cpus = std::move(cpus), placed = std::move(placed),
+                       body = std::move(body)](std::stop_token stop) mutable {
+    NameThisThread(name);
+    absl::Status s = cpus.empty() ? absl::OkStatus() : PinThisThread(cpus);
+    const bool ok = s.ok();
+    placed.set_value(std::move(s));
+    if (ok) body(std::move(stop));
+  });
+  if (absl::Status s = placement.get(); !s.ok()) {
+    thread.join();
+    return s;
+  }
+  return thread;
+}
+
+/// Places the calling thread on `cpus` (nothing if empty) for the object's lifetime, then puts it back where it
+/// could run before. status() says whether the placement took; it is refused when the current CPUs cannot be read,
+/// since they could not be restored afterwards.
+class ScopedPlacement {
+ public:
+  explicit ScopedPlacement(const std::vector<int>& cpus) : before_(ThreadCpus(pthread_self())) {
+    if (cpus.empty()) return;
+    if (before_.empty()) {
+      status_ = absl::InternalError("cannot read this thread's CPUs (sched_getaffinity) to restore them afterwards");
+      return;
+    }
+    status_ = PinThisThread(cpus);
+    placed_ = status_.ok();
+  }
+  ~ScopedPlacement() {
+    if (!placed_) return;
+    if (const absl::Status s = PinThisThread(before_); !s.ok()) {
+      std::fprintf(stderr, "could not put a thread back on CPUs %s after a placed section (%s); what follows runs "
+                           "placed\n", FormatCpuList(before_).c_str(), std::string(s.message()).c_str());
+    }
+  }
+  ScopedPlacement(const ScopedPlacement&) = delete;
+  ScopedPlacement& operator=(const ScopedPlacement&) = delete;
+  [[nodiscard]] const absl::Status& status() const { return status_; }
+
+ private:
+  std::vector<int> before_;
+  absl::Status status_;
+  bool placed_ = false;
+};
 
 }  // namespace aggvm

@@ -2,6 +2,7 @@
 
 #include <sched.h>
 
+#include <atomic>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -92,6 +93,65 @@ TEST(Thread, NameAndPinApplyToTheCallingThreadOnly) {
   }();
   EXPECT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find(std::to_string(CPU_SETSIZE - 1)), std::string::npos) << bad;
+}
+
+TEST(StartPlacedThread, RunsTheBodyNamedAndPlacedOrReportsTheRefusalWithoutRunningIt) {
+  const std::vector<int> allowed = ThreadCpus(pthread_self());
+  ASSERT_FALSE(allowed.empty());
+  std::string name;
+  std::vector<int> seen;
+  std::atomic<bool> stopped{false};
+  auto t = StartPlacedThread("placed-one", {allowed.back()}, [&](std::stop_token stop) {
+    std::ifstream("/proc/thread-self/comm") >> name;
+    seen = ThreadCpus(pthread_self());
+    while (!stop.stop_requested()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    stopped = true;
+  });
+  ASSERT_TRUE(t.ok()) << t.status();
+  t->request_stop();  // the body ends on the thread's own stop token
+  t->join();
+  EXPECT_TRUE(stopped);
+  EXPECT_EQ(name, "placed-one");
+  EXPECT_EQ(seen, std::vector<int>{allowed.back()});
+  EXPECT_EQ(ThreadCpus(pthread_self()), allowed) << "the creator's placement changed";
+
+  // No CPUs: the thread runs where its creator may.
+  auto free = StartPlacedThread("unplaced", {}, [&](std::stop_token) { seen = ThreadCpus(pthread_self()); });
+  ASSERT_TRUE(free.ok()) << free.status();
+  free->join();
+  EXPECT_EQ(seen, allowed);
+
+  // A refused placement is returned, and the body never ran.
+  std::atomic<bool> ran{false};
+  auto refused = StartPlacedThread("refused", {CPU_SETSIZE - 1}, [&](std::stop_token) { ran = true; });
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find(std::to_string(CPU_SETSIZE - 1)), std::string::npos) << refused.status();
+  EXPECT_FALSE(ran);
+}
+
+TEST(ScopedPlacement, PlacesTheThreadForItsLifetimeThenPutsItBack) {
+  const std::vector<int> allowed = ThreadCpus(pthread_self());
+  ASSERT_FALSE(allowed.empty());
+  std::vector<int> inside, after, after_refused;
+  absl::Status placed, refused;
+  std::thread([&] {
+    {
+      const ScopedPlacement p({allowed.back()});
+      placed = p.status();
+      inside = ThreadCpus(pthread_self());
+    }
+    after = ThreadCpus(pthread_self());
+    {
+      const ScopedPlacement p({CPU_SETSIZE - 1});
+      refused = p.status();
+    }
+    after_refused = ThreadCpus(pthread_self());
+  }).join();
+  ASSERT_TRUE(placed.ok()) << placed;
+  EXPECT_EQ(inside, std::vector<int>{allowed.back()});
+  EXPECT_EQ(after, allowed);
+  EXPECT_FALSE(refused.ok());
+  EXPECT_EQ(after_refused, allowed);
 }
 
 }  // namespace

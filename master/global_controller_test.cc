@@ -12,6 +12,7 @@
 
 #include "common/clock.h"
 #include "tests/dataplane/tcp_mesh.h"
+#include "tests/support/thread_watch.h"
 
 namespace aggvm::master {
 namespace {

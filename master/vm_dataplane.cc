@@ -1,7 +1,6 @@
 #include "master/vm_dataplane.h"
 
 #include <condition_variable>
-#include <future>
 #include <map>
 #include <mutex>
 
@@ -226,23 +225,14 @@ absl::Status VmDataPlane::Activate() {
   }
   controller_ = *std::move(gc);
   GlobalController* c = controller_.get();
-  // The thread places itself before it runs anything and reports the outcome (a refused placement: it ends).
-  std::promise<absl::Status> placed;
-  std::future<absl::Status> placement = placed.get_future();
-  runner_ = std::jthread([c, cpus = options_.cpus, placed = std::move(placed)](std::stop_token st) mutable {
-    NameThisThread("dataplane");
-    absl::Status s = cpus.empty() ? absl::OkStatus() : PinThisThread(cpus);
-    const bool ok = s.ok();
-    placed.set_value(std::move(s));
-    if (ok) (void)c->Run(st);
-  });
-  if (absl::Status s = placement.get(); !s.ok()) {
-    runner_.join();  // it ended without running the controller
-    runner_ = std::jthread();
+  // The thread places itself before it runs anything; a refused placement fails Activate.
+  auto runner = StartPlacedThread("dataplane", options_.cpus, [c](std::stop_token st) { (void)c->Run(st); });
+  if (!runner.ok()) {
     controller_.reset();  // a later Activate starts over
-    return absl::Status(s.code(), fmt::format("VM '{}': the master's data-plane thread: {}", spec_.name(),
-                                              std::string(s.message())));
+    return absl::Status(runner.status().code(), fmt::format("VM '{}': the master's data-plane thread: {}",
+                                                            spec_.name(), std::string(runner.status().message())));
   }
+  runner_ = *std::move(runner);
   // Static pins before the agents start their vCPUs (the master calls their StartVm after Activate).
   if (spec_.routing_policy() == v1::ROUTING_POLICY_STATIC) {
     if (auto s = ApplyStaticRoutes(*c, spec_.static_routes()); !s.ok()) return s;

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <bitset>
 #include <condition_variable>
-#include <future>
 #include <mutex>
 #include <stop_token>
 #include <thread>
@@ -537,17 +536,9 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
   }
 
   const absl::Duration connect_timeout = options_.connect_timeout;
-  // The thread places itself before anything else and reports the outcome; a refused placement fails PrepareVm.
-  std::promise<absl::Status> placed;
-  std::future<absl::Status> placement = placed.get_future();
-  r->dataplane = std::jthread([this, r, connect_timeout, placed = std::move(placed)](std::stop_token stop) mutable {
-    NameThisThread("dataplane");
-    {
-      absl::Status p = options_.dataplane_cpus.empty() ? absl::OkStatus() : PinThisThread(options_.dataplane_cpus);
-      const bool ok = p.ok();
-      placed.set_value(std::move(p));
-      if (!ok) return;
-    }
+  // The thread places itself before anything else; a refused placement fails PrepareVm.
+  auto dataplane = StartPlacedThread("dataplane", options_.dataplane_cpus, [this, r, connect_timeout](
+                                                                                std::stop_token stop) {
     absl::Status st = r->transport->Connect(r->peers, connect_timeout);
     {
       std::lock_guard l(r->mu);
@@ -570,10 +561,8 @@ absl::Status ClusterVmHost::Prepare(const LocalVmPlan& plan, GuestOutput& output
       r->vm->Stop();
     }
   });
-  if (absl::Status p = placement.get(); !p.ok()) {
-    r->dataplane.join();
-    return bad(fmt::format("the data-plane thread: {}", std::string(p.message())));
-  }
+  if (!dataplane.ok()) return bad(fmt::format("the data-plane thread: {}", std::string(dataplane.status().message())));
+  r->dataplane = *std::move(dataplane);
   Log(fmt::format("prepared VM '{}': vCPUs {} of {} here, {} irqchip, {} transport on {}, connecting to {} peer(s)",
                   name, fmt::join(plan.local_vcpus, ","), spec.vcpus(), vcpu::IrqchipModeName(r->vm->irqchip_mode()),
                   r->transport->name(), listen_, peers.size()));

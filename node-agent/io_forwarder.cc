@@ -1,14 +1,9 @@
 #include "node-agent/io_forwarder.h"
 
 #include <fmt/format.h>
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <ctime>
 
 #include "common/clock.h"
+#include "common/futex.h"
 #include "node-agent/local_controller.h"
 
 namespace aggvm::agent {
@@ -20,16 +15,6 @@ using transport::IoRequestPayload;
 namespace {
 
 enum SlotState : uint32_t { kIdle = 0, kWaiting = 1, kDone = 2, kFailed = 3 };
-
-void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, uint64_t timeout_ns) {
-  timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000ull), static_cast<long>(timeout_ns % 1'000'000'000ull)};
-  // Relative timeout. EAGAIN (the word changed), EINTR and ETIMEDOUT all mean "look again".
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, &ts, nullptr, 0);
-}
-
-void FutexWake(std::atomic<uint32_t>* word) {
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
-}
 
 }  // namespace
 
@@ -51,8 +36,6 @@ struct alignas(64) IoForwarder::Slot {
   // Responses still owed for requests that timed out: the data-plane thread discards that many first.
   std::atomic<uint32_t> stale{0};
 };
-static_assert(std::atomic<uint32_t>::is_always_lock_free && sizeof(std::atomic<uint32_t>) == sizeof(uint32_t),
-              "the futex word must be a plain 32-bit integer");
 
 namespace {
 uint32_t PackAccess(IoRequestPayload::Space space, uint8_t is_write, uint8_t size) {
@@ -114,7 +97,7 @@ absl::StatusOr<IoResult> IoForwarder::Forward(VcpuIndex vcpu, const IoAccess& ac
     if (elapsed < spin_ns) {
       __builtin_ia32_pause();
     } else {
-      FutexWait(&slot.word, waiting, timeout_ns - elapsed);
+      FutexWait(slot.word, waiting, timeout_ns - elapsed);
     }
     w = slot.word.load(std::memory_order_acquire);
   }
@@ -170,7 +153,7 @@ void IoForwarder::OnResponse(const IoRequestPayload& response) {
   // then counted this answer as owed).
   if (slot.word.compare_exchange_strong(w, (w & ~kStateMask) | kDone, std::memory_order_acq_rel)) {
     counters_.responses.Add();
-    FutexWake(&slot.word);
+    FutexWake(slot.word, 1);
   } else {
     counters_.stale_responses.Add();
     slot.stale.fetch_sub(1, std::memory_order_relaxed);
@@ -185,7 +168,7 @@ void IoForwarder::FailAll(const absl::Status& why) {
     uint32_t w = slots_[i].word.load(std::memory_order_acquire);
     if ((w & kStateMask) == kWaiting &&
         slots_[i].word.compare_exchange_strong(w, (w & ~kStateMask) | kFailed, std::memory_order_acq_rel)) {
-      FutexWake(&slots_[i].word);
+      FutexWake(slots_[i].word, 1);
     }
   }
 }

@@ -1,6 +1,10 @@
 #include "node-agent/irq_probe.h"
 
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <stop_token>
+#include <thread>
 
 #include <immintrin.h>
 #include <sched.h>
@@ -8,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "common/clock.h"
+#include "common/futex.h"
 #include "vcpu/event_fd.h"
 #include "vcpu/msi.h"
 
@@ -49,10 +54,9 @@ void IrqProbe::OnRecord(VcpuIndex index, const Record& r) {
   last_vcpu_.store(index.value(), std::memory_order_relaxed);
   last_vector_.store(static_cast<uint32_t>(r.a), std::memory_order_relaxed);
   irq_count_.fetch_add(1, std::memory_order_seq_cst);  // seq_cst: ordered with the sleeping_waiter_ load below
-  if (sleeping_waiter_.load(std::memory_order_seq_cst)) {  // only a Waiter::kSleep Measure pays for this
-    { std::lock_guard l(wait_mu_); }  // a sleeping Measure either sees the count or is already waiting
-    wait_cv_.notify_all();
-  }
+  // Only a Waiter::kSleep Measure pays for the wake. It stores the flag before it reads the count for the last time,
+  // so either it sees this record's count or this load sees its flag.
+  if (sleeping_waiter_.load(std::memory_order_seq_cst)) FutexWake(irq_count_);
 }
 
 absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex target, Vector vector, size_t samples,
@@ -85,8 +89,25 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
   out.to_handler_us.reserve(samples);
   out.to_vmm_us.reserve(samples);
   const uint64_t deadline = MonotonicNanos() + static_cast<uint64_t>(absl::ToInt64Nanoseconds(timeout));
+  // A sleeping waiter sleeps without a timer, as the cluster's data-plane threads do (a timed sleep arms and cancels
+  // a timer around every sample). This thread ends such a sleep once the budget is spent: it arms one timer for the
+  // whole measurement, then wakes the waiter until the measurement ends.
+  std::jthread budget;
+  if (waiter == Waiter::kSleep) {
+    budget = std::jthread([this, until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout)](
+                              std::stop_token stop) {
+      std::mutex mu;
+      std::condition_variable_any cv;
+      std::unique_lock l(mu);
+      cv.wait_until(l, stop, until, [] { return false; });
+      while (!stop.stop_requested()) {
+        FutexWake(irq_count_);
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    });
+  }
   for (size_t i = 0; i < samples; ++i) {
-    const uint64_t before = irq_count_.load(std::memory_order_acquire);
+    const uint32_t before = irq_count_.load(std::memory_order_acquire);
     const uint64_t t0 = ReadTsc();
     absl::Status s = path == MsiPath::kInjector ? vm.injector().InjectMsi(msi) : event->Signal();
     if (!s.ok()) return s;
@@ -94,10 +115,8 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
     // that on a host with few cores the woken vCPU thread is not left waiting for a scheduler tick behind us.
     while (irq_count_.load(std::memory_order_acquire) == before) {
       if (waiter == Waiter::kSleep) {
-        sleeping_waiter_.store(true, std::memory_order_seq_cst);  // before the count is read again under the lock
-        std::unique_lock l(wait_mu_);
-        wait_cv_.wait_for(l, std::chrono::milliseconds(100),
-                          [&] { return irq_count_.load(std::memory_order_acquire) != before; });
+        sleeping_waiter_.store(true, std::memory_order_seq_cst);  // before the count is read for the last time
+        if (irq_count_.load(std::memory_order_seq_cst) == before) FutexWait(irq_count_, before);
       } else {
         _mm_pause();
         sched_yield();

@@ -8,9 +8,7 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -38,8 +36,8 @@ class IrqProbe {
   /// Hooks the probe into `config` (sets on_record); `config` must use the irq-sink workload.
   void Attach(ProbeVmConfig& config);
   /// How the injecting thread waits for each sample's IRQ record: spinning (sched_yield between checks) keeps its
-  /// core busy; sleeping (a condition variable the record's exit notifies) frees it right after the injection, as an
-  /// event-driven data-plane thread does. The measured span (injection -> handler entry rdtsc) ends before either.
+  /// core busy; sleeping (without a timer, on a futex the record's exit wakes) frees it right after the injection,
+  /// as an event-driven data-plane thread does. The measured span (injection -> handler entry rdtsc) ends before either.
   enum class Waiter { kSpin, kSleep };
   /// Waits for `target`'s ready HELLO, then injects `samples` MSIs (vector `vector`) one at a time through `path`.
   absl::StatusOr<IrqLatencySamples> Measure(ProbeVm& vm, VcpuIndex target, Vector vector, size_t samples,
@@ -47,14 +45,12 @@ class IrqProbe {
 
  private:
   void OnRecord(VcpuIndex index, const Record& r);
-  std::atomic<uint64_t> irq_count_{0};
+  std::atomic<uint32_t> irq_count_{0};  // IRQ records seen; a Waiter::kSleep Measure sleeps on it (futex word)
   std::atomic<uint64_t> seen_host_tsc_{0};
   std::atomic<uint64_t> guest_entry_tsc_{0};
   std::atomic<uint32_t> last_vcpu_{0};
   std::atomic<uint32_t> last_vector_{0};
   std::atomic<bool> sleeping_waiter_{false};  // set once a Waiter::kSleep Measure waits: OnRecord then notifies
-  std::mutex wait_mu_;  // Waiter::kSleep: taken by OnRecord before notifying, so no wake-up is lost
-  std::condition_variable wait_cv_;
 };
 
 /// Round trips of ipi-pingpong (PING_ROUND records of `report`), in µs.

@@ -14,6 +14,7 @@
 #include "common/clock.h"
 #include "node-agent/io_forwarder.h"
 #include "tests/dataplane/tcp_mesh.h"
+#include "tests/support/thread_watch.h"
 
 namespace aggvm::agent {
 namespace {

@@ -1,8 +1,6 @@
 #include "bench/cluster/cluster_floor.h"
 
-#include <linux/futex.h>
 #include <signal.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "common/clock.h"
+#include "common/futex.h"
 #include "common/thread.h"
 #include "node-agent/irq_probe.h"
 #include "node-agent/probe_vm.h"
@@ -27,43 +26,6 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
-
-// A futex on a 32-bit atomic, without timeout (the stream floor's sender must not arm a timer while it waits).
-void FutexWaitWhile(std::atomic<uint32_t>& word, uint32_t value) {
-  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
-}
-void FutexWakeAll(std::atomic<uint32_t>& word) {
-  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
-}
-
-// Places the calling thread on `cpus` (nothing if empty) for its lifetime, then restores where it could run before.
-class ScopedPlacement {
- public:
-  explicit ScopedPlacement(const std::vector<int>& cpus) : before_(ThreadCpus(pthread_self())) {
-    if (cpus.empty()) return;
-    if (before_.empty()) {  // could not be put back: the floors measured after this one would run placed
-      status_ = absl::InternalError("cannot read this thread's CPUs (sched_getaffinity) to restore them afterwards");
-      return;
-    }
-    status_ = PinThisThread(cpus);
-    placed_ = status_.ok();
-  }
-  ~ScopedPlacement() {
-    if (!placed_) return;
-    if (const absl::Status s = PinThisThread(before_); !s.ok()) {
-      std::fprintf(stderr, "cluster bench: could not restore the thread's CPUs after a placed floor (%s); the "
-                           "measurements after it ran placed\n", std::string(s.message()).c_str());
-    }
-  }
-  ScopedPlacement(const ScopedPlacement&) = delete;
-  ScopedPlacement& operator=(const ScopedPlacement&) = delete;
-  [[nodiscard]] const absl::Status& status() const { return status_; }
-
- private:
-  std::vector<int> before_;
-  absl::Status status_;
-  bool placed_ = false;
-};
 
 }  // namespace
 
@@ -177,11 +139,11 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
       const auto* c = std::get_if<ControlPayload>(&f.frame.payload);
       if (c != nullptr && c->arg0 < n) arrived_ns[c->arg0] = at;
       stamped.store(static_cast<uint32_t>(i + 1), std::memory_order_release);
-      FutexWakeAll(stamped);
+      FutexWake(stamped);
     }
     if (!far_status.ok()) give_up(*ta);
     stamped.store(std::numeric_limits<uint32_t>::max(), std::memory_order_release);  // never leave the sender asleep
-    FutexWakeAll(stamped);
+    FutexWake(stamped);
   });
   std::vector<double> us;
   absl::Status st;
@@ -209,7 +171,7 @@ absl::StatusOr<std::vector<double>> TcpOneWayUs(const testing::ClusterLauncher& 
     // Asleep without a timer until the far side has stamped this frame: the pace's timer is armed only after, so
     // the sender's own timer never delays the receiver (in the traced cluster the woken data-plane thread ran
     // before the sender went back to its wait).
-    for (uint32_t v; (v = stamped.load(std::memory_order_acquire)) < i + 1;) FutexWaitWhile(stamped, v);
+    for (uint32_t v; (v = stamped.load(std::memory_order_acquire)) < i + 1;) FutexWait(stamped, v);
     if (arrived_ns[i] == 0) break;  // the far side stopped: its status says why
   }
   if (!st.ok()) give_up(*tb);  // ends the far thread's wait

@@ -39,8 +39,13 @@
 // and the vCPU threads): placed against placed is the like-for-like ratio, and it does not depend on where the
 // scheduler happened to put the unplaced floor's threads (one CPU or two: 10 or 15-18 µs per tcp hop here).
 //
+// --rounds R: the run split into R rounds, each a fresh cluster's share of the samples followed by its share of every
+// floor (and, with --pin-path, the placed cluster's share and the placed floor). This host's speed drifts over
+// minutes (±20 % between runs); a ratio whose cross-node part and floor were measured minutes apart carries that
+// drift, so the results are pooled over the rounds and each round's like-for-like ratios are printed as well.
+//
 //   cluster_latency_bench [--samples 3000] [--source train|rpc] [--interval-us 2000] [--max-seconds 90]
-//                         [--floor-samples 3000] [--loopback] [--pin-path CPU] [--json FILE]
+//                         [--floor-samples 3000] [--loopback] [--pin-path CPU] [--rounds R] [--json FILE]
 #include <sched.h>
 #include <signal.h>
 #include <unistd.h>
@@ -302,6 +307,68 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
   return out;
 }
 
+void Append(std::vector<double>& to, const std::vector<double>& from) { to.insert(to.end(), from.begin(), from.end()); }
+
+void Append(CrossNode& to, const CrossNode& from) {
+  for (auto member : {&CrossNode::handler_us, &CrossNode::to_master_us, &CrossNode::decided_us, &CrossNode::target_us,
+                      &CrossNode::injected_us, &CrossNode::inject_to_handler_us, &CrossNode::rpc_us,
+                      &CrossNode::raised_ns}) {
+    Append(to.*member, from.*member);
+  }
+  to.lost += from.lost;
+  to.rejected += from.rejected;
+  to.fitted_tsc_khz = from.fitted_tsc_khz;  // each round fits its own; the last one is reported
+}
+
+// Every sample of a run, or of one round of it.
+struct Pool {
+  CrossNode cross;
+  std::optional<CrossNode> placed;  // --pin-path
+  std::vector<double> tcp, tcp_paced, tcp_stream, tcp_placed, stream_placed;
+  LocalMsi msi, msi_paced, msi_sleeping;
+  std::optional<LocalMsi> msi_placed;  // --pin-path
+
+  void Add(const Pool& round) {
+    Append(cross, round.cross);
+    if (round.placed) Append(placed ? *placed : placed.emplace(), *round.placed);
+    Append(tcp, round.tcp);
+    Append(tcp_paced, round.tcp_paced);
+    Append(tcp_stream, round.tcp_stream);
+    Append(tcp_placed, round.tcp_placed);
+    Append(stream_placed, round.stream_placed);
+    for (auto [to, from] : {std::pair{&msi, &round.msi}, std::pair{&msi_paced, &round.msi_paced},
+                            std::pair{&msi_sleeping, &round.msi_sleeping}}) {
+      Append(to->to_handler_us, from->to_handler_us);
+      to->tsc_khz = from->tsc_khz;
+    }
+    if (round.msi_placed) {
+      LocalMsi& to = msi_placed ? *msi_placed : msi_placed.emplace();
+      Append(to.to_handler_us, round.msi_placed->to_handler_us);
+      to.tsc_khz = round.msi_placed->tsc_khz;
+    }
+  }
+};
+
+// One round's like-for-like p50s: cross-node against the paced stream floor (kHops x one-way stream + paced MSI), and
+// placed against the placed stream floor.
+struct RoundRatios {
+  double e2e_p50 = 0, floor_p50 = 0, placed_e2e_p50 = 0, placed_floor_p50 = 0;
+  [[nodiscard]] double ratio() const { return floor_p50 > 0 ? e2e_p50 / floor_p50 : 0; }
+  [[nodiscard]] double placed_ratio() const { return placed_floor_p50 > 0 ? placed_e2e_p50 / placed_floor_p50 : 0; }
+};
+
+RoundRatios RatiosOf(const Pool& round) {
+  RoundRatios r;
+  r.e2e_p50 = Summarize(round.cross.handler_us).p50;
+  r.floor_p50 = kHops * Summarize(round.tcp_stream).p50 + Summarize(round.msi_paced.to_handler_us).p50;
+  if (round.placed && round.msi_placed) {
+    r.placed_e2e_p50 = Summarize(round.placed->handler_us).p50;
+    r.placed_floor_p50 = kHops * Summarize(round.stream_placed).p50 + Summarize(round.msi_placed->to_handler_us).p50;
+  }
+  return r;
+}
+
+
 int Main(int argc, char** argv) {
   CLI::App app{"cross-node device-interrupt latency (doorbell on node-a -> guest handler on node-b) vs its floor"};
   size_t samples = 3000, floor_samples = 3000, warmup = 100;
@@ -321,6 +388,11 @@ int Main(int argc, char** argv) {
   app.add_option("--floor-samples", floor_samples, "transport round trips and local MSIs for the floor");
   app.add_flag("--loopback", loopback, "every process on 127.0.0.1 instead of network namespaces");
   app.add_option("--json", json_path, "write the results as JSON");
+  size_t rounds = 1;
+  app.add_option("--rounds", rounds,
+                 "split the samples into this many rounds, each a cluster run followed by its floors, so that a "
+                 "slow phase of the host falls on both; pooled results, and each round's ratios")
+      ->check(CLI::Range(size_t{1}, size_t{100}));
   int pin_path = -1;
   app.add_option("--pin-path", pin_path,
                  "also measure with the interrupt path placed on this CPU (every daemon's data-plane thread, the "
@@ -340,84 +412,119 @@ int Main(int argc, char** argv) {
     pinned_master_args = {"--cpus", rest, "--dataplane-cpus", path};
     pinned_agent_args = {"--cpus", rest, "--dataplane-cpus", path, "--vcpu-cpus", path};
   }
-  auto bench = StartBenchCluster("clusterbench", loopback);
-  if (!bench.ok()) Die("cluster: " + bench.status().ToString());
-  auto& cluster = bench->cluster;
-  const std::string& network = bench->network;
-  const std::string& logdir = bench->logdir;
-
-  std::printf("cluster_latency_bench: master + 3 agents (%s), 3 nodes x 2 vCPUs, kernel irqchip, tcp, event wait "
-              "mode; GSI %u raised on node-a -> vector 0x%x, fixed to vCPU %u on node-b (%u hops)\n",
-              network == "netns" ? "each in its own network namespace, veth bridge" : "loopback", kGsi, kVector,
-              kTargetVcpu, kHops);
-  std::fflush(stdout);
   const uint32_t train_interval_us = source == "train" ? interval_us : 0;
-  if (train_interval_us > 0 && double(warmup + samples) * train_interval_us > max_seconds * 1e6) {
-    Die(fmt::format("{} edges {} µs apart take longer than --max-seconds {}", warmup + samples, train_interval_us,
+  const size_t per_round = (samples + rounds - 1) / rounds;
+  if (train_interval_us > 0 && double(warmup + per_round) * train_interval_us > max_seconds * 1e6) {
+    Die(fmt::format("{} edges {} µs apart take longer than --max-seconds {}", warmup + per_round, train_interval_us,
                     max_seconds));
   }
-  auto cross = MeasureCrossNode(*cluster, samples, warmup, max_seconds, train_interval_us);
-  if (!cross.ok()) {
-    cluster.reset();
-    Die("cross-node run: " + std::string(cross.status().ToString()) + " (logs in " + logdir + ")");
-  }
-  cluster->StopAll();  // the floor's transports run alone in the same namespaces
-  auto one_way = bench::TcpOneWayUs(*cluster, 0, 2, floor_samples);
-  if (!one_way.ok()) Die("transport floor: " + std::string(one_way.status().ToString()));
-  // The paced floor: the same transport and injection, one every G = the cross-node samples' median spacing, so
-  // the threads and the vCPU are asleep when it comes, as in the cluster.
-  const double gap_us = MedianGap(cross->raised_ns) / 1e3;
-  if (gap_us <= 0) Die("too few cross-node samples to pace the floor");
-  const absl::Duration pace = absl::Microseconds(gap_us);
-  auto one_way_paced = bench::TcpOneWayUs(*cluster, 0, 2, floor_samples, 17702, pace);
-  if (!one_way_paced.ok()) Die("paced transport floor: " + std::string(one_way_paced.status().ToString()));
-  // The same pace, frames one way only, as a cluster hop sends them (OneWay::kStream).
-  auto stream_paced = bench::TcpOneWayUs(*cluster, 0, 2, floor_samples, 17704, pace, {}, OneWay::kStream);
-  if (!stream_paced.ok()) Die("paced one-way stream floor: " + std::string(stream_paced.status().ToString()));
-  // --pin-path: the placed floor, like for like with the placed cluster: the same paced transport with both threads
-  // on the path's CPU (below: the paced injection with the injecting thread and the vCPUs there too).
-  std::vector<double> one_way_placed, stream_placed;
   const std::vector<int> path_cpus = pin_path >= 0 ? std::vector<int>{pin_path} : std::vector<int>{};
-  if (pin_path >= 0) {
-    auto r = bench::TcpOneWayUs(*cluster, 0, 2, floor_samples, 17706, pace, path_cpus);
-    if (!r.ok()) Die("placed transport floor: " + std::string(r.status().ToString()));
-    one_way_placed = *std::move(r);
-    r = bench::TcpOneWayUs(*cluster, 0, 2, floor_samples, 17708, pace, path_cpus, OneWay::kStream);
-    if (!r.ok()) Die("placed one-way stream floor: " + std::string(r.status().ToString()));
-    stream_placed = *std::move(r);
+  Pool pool;
+  std::vector<RoundRatios> round_ratios;
+  std::string network;
+  double gap_us = 0;
+  for (size_t r = 0; r < rounds; ++r) {
+    if (StopRequested()) Die("interrupted");
+    // Round r's share: the samples split as evenly as they go.
+    const auto share = [&](size_t total) { return total / rounds + (r < total % rounds ? 1 : 0); };
+    Pool round;
+    auto bench = StartBenchCluster("clusterbench", loopback);
+    if (!bench.ok()) Die("cluster: " + bench.status().ToString());
+    auto& cluster = bench->cluster;
+    if (r == 0) {
+      network = bench->network;
+      std::printf("cluster_latency_bench: master + 3 agents (%s), 3 nodes x 2 vCPUs, kernel irqchip, tcp, event wait "
+                  "mode; GSI %u raised on node-a -> vector 0x%x, fixed to vCPU %u on node-b (%u hops); %zu round(s)\n",
+                  network == "netns" ? "each in its own network namespace, veth bridge" : "loopback", kGsi, kVector,
+                  kTargetVcpu, kHops, rounds);
+      std::fflush(stdout);
+    }
+    auto cross = MeasureCrossNode(*cluster, share(samples), warmup, max_seconds, train_interval_us);
+    if (!cross.ok()) {
+      cluster.reset();
+      Die("cross-node run: " + std::string(cross.status().ToString()) + " (logs in " + bench->logdir + ")");
+    }
+    round.cross = *std::move(cross);
+    cluster->StopAll();  // the floor's transports run alone in the same namespaces
+    // Each round's floor transports listen on ports of their own (no wait for the last round's to be released).
+    const int port = 17700 + 20 * static_cast<int>(r);
+    auto take = [](absl::StatusOr<std::vector<double>> got, const char* what) {
+      if (!got.ok()) Die(fmt::format("{}: {}", what, got.status().ToString()));
+      return *std::move(got);
+    };
+    round.tcp = take(bench::TcpOneWayUs(*cluster, 0, 2, share(floor_samples), port), "transport floor");
+    // The paced floor: the same transport and injection, one every G = the cross-node samples' median spacing (of
+    // the first round), so the threads and the vCPU are asleep when it comes, as in the cluster.
+    if (r == 0) gap_us = MedianGap(round.cross.raised_ns) / 1e3;
+    if (gap_us <= 0) Die("too few cross-node samples to pace the floor");
+    const absl::Duration pace = absl::Microseconds(gap_us);
+    round.tcp_paced =
+        take(bench::TcpOneWayUs(*cluster, 0, 2, share(floor_samples), port + 2, pace), "paced transport floor");
+    // The same pace, frames one way only, as a cluster hop sends them (OneWay::kStream).
+    round.tcp_stream = take(bench::TcpOneWayUs(*cluster, 0, 2, share(floor_samples), port + 4, pace, {},
+                                               OneWay::kStream), "paced one-way stream floor");
+    // --pin-path: the placed floor, like for like with the placed cluster: the same paced transport with both
+    // threads on the path's CPU (below: the paced injection with the injecting thread and the vCPUs there too).
+    if (pin_path >= 0) {
+      round.tcp_placed = take(bench::TcpOneWayUs(*cluster, 0, 2, share(floor_samples), port + 6, pace, path_cpus),
+                              "placed transport floor");
+      round.stream_placed = take(bench::TcpOneWayUs(*cluster, 0, 2, share(floor_samples), port + 8, pace, path_cpus,
+                                                    OneWay::kStream), "placed one-way stream floor");
+    }
+    cluster.reset();
+    RemoveLogs(*bench);
+    // The same cross-node run with the interrupt path placed (--pin-path): a second cluster with those flags.
+    if (pin_path >= 0) {
+      auto placed = StartBenchCluster("clusterbench", loopback, pinned_master_args, pinned_agent_args);
+      if (!placed.ok()) Die("cluster with --pin-path: " + placed.status().ToString());
+      auto p = MeasureCrossNode(*placed->cluster, share(samples), warmup, max_seconds, train_interval_us);
+      placed->cluster.reset();
+      if (!p.ok()) Die("cross-node run with --pin-path: " + p.status().ToString() + " (logs in " + placed->logdir + ")");
+      RemoveLogs(*placed);
+      round.placed = *std::move(p);
+    }
+    if (StopRequested()) Die("interrupted");
+    auto msi = [&](absl::Duration msi_pace, agent::IrqProbe::Waiter waiter, const std::vector<int>& cpus,
+                   const char* what) {
+      auto got = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, share(floor_samples), msi_pace, waiter, cpus);
+      if (!got.ok()) Die(fmt::format("{}: {}", what, got.status().ToString()));
+      return *std::move(got);
+    };
+    round.msi = msi(absl::ZeroDuration(), agent::IrqProbe::Waiter::kSpin, {}, "local KVM_SIGNAL_MSI floor");
+    round.msi_paced = msi(pace, agent::IrqProbe::Waiter::kSpin, {}, "paced local KVM_SIGNAL_MSI floor");
+    // The same, with the injecting thread asleep right after its KVM_SIGNAL_MSI (as node-b's data-plane thread,
+    // which goes back to epoll) instead of spinning for the record: shown next to the floor, not used in it.
+    round.msi_sleeping = msi(pace, agent::IrqProbe::Waiter::kSleep, {}, "paced local MSI (sleeping injector)");
+    // The placed floor's injection: the injecting thread sleeps after its MSI, as node-b's data-plane thread does
+    // (spinning for the record on the vCPU's own CPU would take that CPU from the vCPU).
+    if (pin_path >= 0) {
+      round.msi_placed = msi(pace, agent::IrqProbe::Waiter::kSleep, path_cpus, "placed local MSI floor");
+    }
+    round_ratios.push_back(RatiosOf(round));
+    if (rounds > 1) {
+      const RoundRatios& rr = round_ratios.back();
+      std::printf("round %zu of %zu: cross-node p50 %.1f µs / stream floor %.1f = %.2f", r + 1, rounds, rr.e2e_p50,
+                  rr.floor_p50, rr.ratio());
+      if (round.placed) {
+        std::printf("; placed %.1f / placed stream floor %.1f = %.2f", rr.placed_e2e_p50, rr.placed_floor_p50,
+                    rr.placed_ratio());
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    pool.Add(round);
   }
-  cluster.reset();
-  RemoveLogs(*bench);
-  // The same cross-node run with the interrupt path placed (--pin-path): a second cluster with those flags.
-  std::optional<CrossNode> pinned;
-  if (pin_path >= 0) {
-    auto placed = StartBenchCluster("clusterbench", loopback, pinned_master_args, pinned_agent_args);
-    if (!placed.ok()) Die("cluster with --pin-path: " + placed.status().ToString());
-    auto p = MeasureCrossNode(*placed->cluster, samples, warmup, max_seconds, train_interval_us);
-    placed->cluster.reset();
-    if (!p.ok()) Die("cross-node run with --pin-path: " + p.status().ToString() + " (logs in " + placed->logdir + ")");
-    RemoveLogs(*placed);
-    pinned = *std::move(p);
-  }
-  if (StopRequested()) Die("interrupted");
-  auto local = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, floor_samples, absl::ZeroDuration());
-  if (!local.ok()) Die("local KVM_SIGNAL_MSI floor: " + std::string(local.status().ToString()));
-  auto paced = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, floor_samples, absl::Microseconds(gap_us));
-  if (!paced.ok()) Die("paced local KVM_SIGNAL_MSI floor: " + std::string(paced.status().ToString()));
-  // The same, with the injecting thread asleep right after its KVM_SIGNAL_MSI (as node-b's data-plane thread, which
-  // goes back to epoll) instead of spinning for the record: shown next to the floor, not used in it.
-  auto paced_sleeping = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, floor_samples, absl::Microseconds(gap_us),
-                                        agent::IrqProbe::Waiter::kSleep);
-  if (!paced_sleeping.ok()) Die("paced local MSI (sleeping injector): " + paced_sleeping.status().ToString());
-  // The placed floor's injection: the injecting thread sleeps after its MSI, as node-b's data-plane thread does
-  // (spinning for the record on the vCPU's own CPU would take that CPU from the vCPU).
-  std::optional<LocalMsi> msi_placed;
-  if (pin_path >= 0) {
-    auto r = MeasureLocalMsi(vcpu::IrqchipMode::kKernel, floor_samples, absl::Microseconds(gap_us),
-                             agent::IrqProbe::Waiter::kSleep, path_cpus);
-    if (!r.ok()) Die("placed local MSI floor: " + r.status().ToString());
-    msi_placed = *std::move(r);
-  }
+  const CrossNode* cross = &pool.cross;
+  const std::vector<double>* one_way = &pool.tcp;
+  const std::vector<double>* one_way_paced = &pool.tcp_paced;
+  const std::vector<double>* stream_paced = &pool.tcp_stream;
+  const std::vector<double>& one_way_placed = pool.tcp_placed;
+  const std::vector<double>& stream_placed = pool.stream_placed;
+  const std::optional<CrossNode>& pinned = pool.placed;
+  const LocalMsi* local = &pool.msi;
+  const LocalMsi* paced = &pool.msi_paced;
+  const LocalMsi* paced_sleeping = &pool.msi_sleeping;
+  const std::optional<LocalMsi>& msi_placed = pool.msi_placed;
 
   const Summary e2e = Summarize(cross->handler_us);
   const Summary tcp = Summarize(*one_way);
@@ -506,6 +613,28 @@ int Main(int argc, char** argv) {
     floor_rows(placed_floors, e2e_pinned.p50, "placed cross-node");
   }
 
+  // Each round against its own floor: how much of a ratio is the host's drift between the cluster's and the floor's
+  // minutes.
+  std::vector<double> by_round, placed_by_round;
+  for (const RoundRatios& r : round_ratios) {
+    by_round.push_back(r.ratio());
+    if (r.placed_floor_p50 > 0) placed_by_round.push_back(r.placed_ratio());
+  }
+  auto spread = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t met = static_cast<size_t>(std::count_if(v.begin(), v.end(), [](double x) { return x <= 1.25; }));
+    const double median = v.size() % 2 == 1 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+    return fmt::format("{:.2f}", fmt::join(v, " ")) +
+           fmt::format(" (median {:.2f}; goal <= 1.25 met in {} of {})", median, met, v.size());
+  };
+  if (rounds > 1) {
+    std::printf("\nper round, each against the floor measured in the same round (like for like, sorted):\n");
+    std::printf("  cross-node / floor_paced_stream          %s\n", spread(by_round).c_str());
+    if (!placed_by_round.empty()) {
+      std::printf("  placed cross-node / placed_floor_stream  %s\n", spread(placed_by_round).c_str());
+    }
+  }
+
   if (!json_path.empty()) {
     auto floor_json = [&](const Floor& f, double e2e_p50) {
       return nlohmann::json{{"tcp_one_way", ToJson(f.one_way)},
@@ -549,6 +678,11 @@ int Main(int argc, char** argv) {
                      {"cross_node", ToJson(e2e_pinned)},
                      {"hops_detail", HopsJson(*pinned)}};
       for (const Floor& f : placed_floors) j["placed"]["floors"][f.key] = floor_json(f, e2e_pinned.p50);
+    }
+    j["rounds"] = rounds;
+    for (const RoundRatios& r : round_ratios) {
+      j["round_ratios"]["floor_paced_stream"].push_back(r.ratio());
+      if (r.placed_floor_p50 > 0) j["round_ratios"]["placed_floor_stream"].push_back(r.placed_ratio());
     }
     j["goal_ratio_p50"] = 1.25;
     std::ofstream(json_path) << j.dump(2) << "\n";
