@@ -14,8 +14,12 @@ namespace {
 TEST(Futex, AnUntimedWaitSleepsUntilTheWordChangesAndIsWoken) {
   std::atomic<uint32_t> word{0};
   std::atomic<bool> returned{false};
+  std::atomic<int> waits{0};
   std::thread waiter([&] {
-    for (uint32_t v; (v = word.load()) == 0;) FutexWait(word, v);
+    for (uint32_t v; (v = word.load()) == 0;) {
+      waits.fetch_add(1);
+      FutexWait(word, v);
+    }
     returned = true;
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -24,6 +28,8 @@ TEST(Futex, AnUntimedWaitSleepsUntilTheWordChangesAndIsWoken) {
   FutexWake(word);
   waiter.join();
   EXPECT_TRUE(returned);
+  // One sleep, perhaps a spurious return: a wait that did not sleep would have looped for the whole 100 ms.
+  EXPECT_LE(waits.load(), 3) << "the wait did not sleep";
 }
 
 TEST(Futex, ATimedWaitEndsAfterItsTimeoutAndAChangedWordEndsItAtOnce) {

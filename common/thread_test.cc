@@ -95,6 +95,7 @@ TEST(Thread, NameAndPinApplyToTheCallingThreadOnly) {
   EXPECT_NE(bad.message().find(std::to_string(CPU_SETSIZE - 1)), std::string::npos) << bad;
 }
 
+// The placement checks below mean something where this process may use two CPUs or more (CI's machines have two).
 TEST(StartPlacedThread, RunsTheBodyNamedAndPlacedOrReportsTheRefusalWithoutRunningIt) {
   const std::vector<int> allowed = ThreadCpus(pthread_self());
   ASSERT_FALSE(allowed.empty());

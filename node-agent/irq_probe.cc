@@ -1,5 +1,6 @@
 #include "node-agent/irq_probe.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -60,7 +61,8 @@ void IrqProbe::OnRecord(VcpuIndex index, const Record& r) {
 }
 
 absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex target, Vector vector, size_t samples,
-                                                    MsiPath path, absl::Duration timeout, Waiter waiter) {
+                                                    MsiPath path, absl::Duration timeout, Waiter waiter,
+                                                    absl::Duration pace) {
   if (vm.tsc_khz() == 0) return absl::FailedPreconditionError("KVM_GET_TSC_KHZ gave no TSC frequency");
   if (vector.value() < 32 || vector.value() == 0xFF) {
     return absl::InvalidArgumentError(fmt::format("vector {} (need 32..254)", vector));
@@ -90,8 +92,9 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
   out.to_vmm_us.reserve(samples);
   const uint64_t deadline = MonotonicNanos() + static_cast<uint64_t>(absl::ToInt64Nanoseconds(timeout));
   // A sleeping waiter sleeps without a timer, as the cluster's data-plane threads do (a timed sleep arms and cancels
-  // a timer around every sample). This thread ends such a sleep once the budget is spent: it arms one timer for the
-  // whole measurement, then wakes the waiter until the measurement ends.
+  // a timer around every sample). This thread ends such a sleep once the budget is spent: started once per Measure
+  // (pace the samples with `pace`, not with one Measure per sample), it arms one timer for the whole measurement and
+  // then wakes the waiter until the measurement ends.
   std::jthread budget;
   if (waiter == Waiter::kSleep) {
     budget = std::jthread([this, until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout)](
@@ -106,7 +109,15 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
       }
     });
   }
+  const uint64_t pace_ns = static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Nanoseconds(pace)));
+  uint64_t next_ns = 0;
   for (size_t i = 0; i < samples; ++i) {
+    if (pace_ns > 0) {  // `pace` after the previous injection: the vCPU has left halt-polling and sleeps
+      if (const uint64_t now = MonotonicNanos(); next_ns > now) {
+        std::this_thread::sleep_for(std::chrono::nanoseconds(next_ns - now));
+      }
+      next_ns = MonotonicNanos() + pace_ns;
+    }
     const uint32_t before = irq_count_.load(std::memory_order_acquire);
     const uint64_t t0 = ReadTsc();
     absl::Status s = path == MsiPath::kInjector ? vm.injector().InjectMsi(msi) : event->Signal();
@@ -129,6 +140,8 @@ absl::StatusOr<IrqLatencySamples> IrqProbe::Measure(ProbeVm& vm, VcpuIndex targe
             vector, target, absl::FormatDuration(timeout)));
       }
     }
+    // Records that come while nobody sleeps make no wake-up call (the flag is set again before every sleep).
+    if (waiter == Waiter::kSleep) sleeping_waiter_.store(false, std::memory_order_relaxed);
     if (last_vcpu_.load(std::memory_order_relaxed) != target.value() ||
         last_vector_.load(std::memory_order_relaxed) != vector.value()) {
       return absl::InternalError(fmt::format("MSI vector {} to vCPU {} was handled by vCPU {} as vector {}", vector,

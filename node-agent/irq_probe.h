@@ -39,9 +39,11 @@ class IrqProbe {
   /// core busy; sleeping (without a timer, on a futex the record's exit wakes) frees it right after the injection,
   /// as an event-driven data-plane thread does. The measured span (injection -> handler entry rdtsc) ends before either.
   enum class Waiter { kSpin, kSleep };
-  /// Waits for `target`'s ready HELLO, then injects `samples` MSIs (vector `vector`) one at a time through `path`.
+  /// Waits for `target`'s ready HELLO, then injects `samples` MSIs (vector `vector`) one at a time through `path`:
+  /// back to back, or each `pace` after the previous one. `timeout` bounds the whole measurement.
   absl::StatusOr<IrqLatencySamples> Measure(ProbeVm& vm, VcpuIndex target, Vector vector, size_t samples,
-                                            MsiPath path, absl::Duration timeout, Waiter waiter = Waiter::kSpin);
+                                            MsiPath path, absl::Duration timeout, Waiter waiter = Waiter::kSpin,
+                                            absl::Duration pace = absl::ZeroDuration());
 
  private:
   void OnRecord(VcpuIndex index, const Record& r);

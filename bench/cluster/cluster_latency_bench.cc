@@ -83,7 +83,6 @@ constexpr uint32_t kGsi = 4, kVector = 0x44, kTargetVcpu = 3;
 const char* const kVm = "clusterbench";
 constexpr uint32_t kHops = 2;  // node-a -> master, master -> node-b
 
-
 [[noreturn]] void Die(const std::string& what) {
   std::fprintf(stderr, "cluster_latency_bench: %s\n", what.c_str());
   std::exit(1);
@@ -317,7 +316,12 @@ void Append(CrossNode& to, const CrossNode& from) {
   }
   to.lost += from.lost;
   to.rejected += from.rejected;
-  to.fitted_tsc_khz = from.fitted_tsc_khz;  // each round fits its own; the last one is reported
+  to.fitted_tsc_khz = from.fitted_tsc_khz;  // each round fits its own (its samples are mapped with it); the last shown
+}
+
+void Append(LocalMsi& to, const LocalMsi& from) {
+  Append(to.to_handler_us, from.to_handler_us);
+  to.tsc_khz = from.tsc_khz;
 }
 
 // Every sample of a run, or of one round of it.
@@ -336,16 +340,10 @@ struct Pool {
     Append(tcp_stream, round.tcp_stream);
     Append(tcp_placed, round.tcp_placed);
     Append(stream_placed, round.stream_placed);
-    for (auto [to, from] : {std::pair{&msi, &round.msi}, std::pair{&msi_paced, &round.msi_paced},
-                            std::pair{&msi_sleeping, &round.msi_sleeping}}) {
-      Append(to->to_handler_us, from->to_handler_us);
-      to->tsc_khz = from->tsc_khz;
-    }
-    if (round.msi_placed) {
-      LocalMsi& to = msi_placed ? *msi_placed : msi_placed.emplace();
-      Append(to.to_handler_us, round.msi_placed->to_handler_us);
-      to.tsc_khz = round.msi_placed->tsc_khz;
-    }
+    Append(msi, round.msi);
+    Append(msi_paced, round.msi_paced);
+    Append(msi_sleeping, round.msi_sleeping);
+    if (round.msi_placed) Append(msi_placed ? *msi_placed : msi_placed.emplace(), *round.msi_placed);
   }
 };
 
@@ -368,7 +366,6 @@ RoundRatios RatiosOf(const Pool& round) {
   return r;
 }
 
-
 int Main(int argc, char** argv) {
   CLI::App app{"cross-node device-interrupt latency (doorbell on node-a -> guest handler on node-b) vs its floor"};
   size_t samples = 3000, floor_samples = 3000, warmup = 100;
@@ -379,7 +376,7 @@ int Main(int argc, char** argv) {
   std::string json_path;
   app.add_option("--samples", samples, "doorbells measured (after --warmup)");
   app.add_option("--warmup", warmup, "doorbells rung first and not counted");
-  app.add_option("--max-seconds", max_seconds, "bound on the cross-node sampling time");
+  app.add_option("--max-seconds", max_seconds, "bound on each round's cross-node sampling time");
   app.add_option("--source", source, "train: node-a raises a train of edges on its own clock (no RPC per sample); "
                  "rpc: one RingDoorbell RPC per sample")->check(CLI::IsMember({"train", "rpc"}));
   app.add_option("--interval-us", interval_us, "train: one edge every this many µs")
@@ -411,6 +408,10 @@ int Main(int argc, char** argv) {
     const std::string path = std::to_string(pin_path), rest = FormatCpuList(others);
     pinned_master_args = {"--cpus", rest, "--dataplane-cpus", path};
     pinned_agent_args = {"--cpus", rest, "--dataplane-cpus", path, "--vcpu-cpus", path};
+  }
+  if (samples / rounds < 2 || floor_samples / rounds < 2) {
+    Die(fmt::format("--rounds {}: each round needs at least 2 samples and 2 floor samples (--samples {}, "
+                    "--floor-samples {})", rounds, samples, floor_samples));
   }
   const uint32_t train_interval_us = source == "train" ? interval_us : 0;
   const size_t per_round = (samples + rounds - 1) / rounds;
@@ -553,7 +554,7 @@ int Main(int argc, char** argv) {
                                                  train_interval_us).c_str()
                                    : "one RingDoorbell RPC per sample");
   std::printf("cross-node samples: %zu (lost %lu, rejected %lu), one every %.0f µs (median); handler time = guest "
-              "rdtsc -> CLOCK_MONOTONIC via TSC rate fitted over the run %.0f kHz (KVM_GET_TSC_KHZ %lu)\n",
+              "rdtsc -> CLOCK_MONOTONIC via TSC rate fitted over each round, the last %.0f kHz (KVM_GET_TSC_KHZ %lu)\n",
               e2e.count, static_cast<unsigned long>(cross->lost), static_cast<unsigned long>(cross->rejected), gap_us,
               cross->fitted_tsc_khz, static_cast<unsigned long>(local->tsc_khz));
   std::printf("\n%-66s %9s %9s %9s\n", "path (µs)", "p50", "p99", "count");
