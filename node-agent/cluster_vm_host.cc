@@ -624,16 +624,10 @@ absl::Status ClusterVmHost::Start() {
     }
   }
   if (auto s = r.vm->Start(); !s.ok()) return s;
-  if (!options_.vcpu_cpus.empty()) {
-    for (VcpuIndex v : r.vm->local_vcpus()) {
-      vcpu::VcpuThread& t = r.vm->thread(v);
-      if (!t.started()) continue;  // a held vCPU (test hook)
-      if (auto s = t.Pin(options_.vcpu_cpus); !s.ok()) {
-        r.vm->Stop();
-        if (r.proxies) r.proxies->Stop();
-        return cannot_start(s, "");
-      }
-    }
+  if (auto s = r.vm->PinVcpus(options_.vcpu_cpus); !s.ok()) {
+    r.vm->Stop();
+    if (r.proxies) r.proxies->Stop();
+    return cannot_start(s, "");
   }
   r.started = true;
   vcpu::UserIrqchip* chip = r.vm->user_irqchip();

@@ -486,6 +486,15 @@ absl::Status ProbeVm::Start() {
   return absl::OkStatus();
 }
 
+absl::Status ProbeVm::PinVcpus(const std::vector<int>& cpus) {
+  if (cpus.empty()) return absl::OkStatus();
+  for (auto& t : threads_) {
+    if (!t->started()) continue;
+    if (auto s = t->Pin(cpus); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ProbeVm::StartVcpu(VcpuIndex index) {
   if (!is_local(index)) return absl::InvalidArgumentError(fmt::format("vCPU {} does not run on this node", index));
   VcpuThread& t = *threads_[Slot(index.value())];

@@ -144,6 +144,9 @@ class ProbeVm {
   /// KVM_RUN holds: call it before the vCPU starts or while its thread is paused, or it blocks until the guest exits
   /// (forever for a guest that spins without exits).
   absl::StatusOr<uint32_t> MpState(VcpuIndex index) const;
+  /// Places the thread of every started local vCPU on `cpus` (nothing if empty; a held vCPU not yet started is
+  /// skipped). The first refusal is returned.
+  absl::Status PinVcpus(const std::vector<int>& cpus);
   /// Pauses / resumes every local vCPU (they keep their state). Pause waits (bounded) until each thread is paused.
   absl::Status Pause(absl::Duration timeout = absl::Seconds(5));
   void Resume();

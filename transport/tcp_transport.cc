@@ -213,9 +213,8 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(NodeId self, 
   if (ss.ss_family == AF_INET) port = ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
   if (ss.ss_family == AF_INET6) port = ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
   std::unique_ptr<TcpTransport> t(new TcpTransport(self, std::move(options), fd, port));
-  if (t->options_.wait_mode == WaitMode::kEvent && t->waker_.fd() < 0) {
-    return absl::ResourceExhaustedError("eventfd for the transport's waker failed: an event-mode Wait could not be "
-                                        "woken (out of file descriptors?)");
+  if (t->options_.wait_mode == WaitMode::kEvent) {
+    if (absl::Status s = t->waker_.CanEndASleep(); !s.ok()) return s;
   }
   return t;
 }

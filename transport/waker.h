@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "absl/status/status.h"
+
 namespace aggvm::transport {
 
 class Waker {
@@ -26,20 +28,12 @@ class Waker {
   /// Any thread. The flag first (release), so a waiter woken by the eventfd also sees it.
   void Wake() noexcept {
     pending_.store(true, std::memory_order_release);
-    if (fd_ >= 0) {
-      const uint64_t one = 1;
-      [[maybe_unused]] const ssize_t n = ::write(fd_, &one, sizeof one);  // EAGAIN only at 2^64-1: already readable
-    }
+    Signal();
   }
   /// Any thread: ends a sleep in progress (or the next one) without asking the waiter to return — it re-checks what
   /// it sleeps for (say, a peer that another thread's Send found lost) and sleeps again if there is nothing to
   /// report. Unlike Wake, a Kick never makes a Wait return 0 frames by itself.
-  void Kick() noexcept {
-    if (fd_ >= 0) {
-      const uint64_t one = 1;
-      [[maybe_unused]] const ssize_t n = ::write(fd_, &one, sizeof one);
-    }
-  }
+  void Kick() noexcept { Signal(); }
   /// The waiting thread: true if a Wake came since the last Consume. Always drains the eventfd: a Wake whose flag
   /// an earlier Consume already took may still have written it, and a readable eventfd with nothing behind it
   /// would make every later sleep return at once. Drains first, then takes the flag: a Wake whose write this read
@@ -56,8 +50,21 @@ class Waker {
   /// -1 if eventfd failed: then only the flag works (busy polling); the transports refuse to be created in event
   /// mode without it, since a Wait without a timeout could then not be woken.
   [[nodiscard]] int fd() const noexcept { return fd_; }
+  /// What a transport's Create returns in event mode when the eventfd is missing (OK otherwise).
+  [[nodiscard]] absl::Status CanEndASleep() const {
+    if (fd_ >= 0) return absl::OkStatus();
+    return absl::ResourceExhaustedError("eventfd for the transport's waker failed: an event-mode Wait could not be "
+                                        "woken (out of file descriptors?)");
+  }
 
  private:
+  void Signal() noexcept {
+    if (fd_ >= 0) {
+      const uint64_t one = 1;
+      [[maybe_unused]] const ssize_t n = ::write(fd_, &one, sizeof one);  // EAGAIN only at 2^64-1: already readable
+    }
+  }
+
   const int fd_;
   std::atomic<bool> pending_{false};
 };

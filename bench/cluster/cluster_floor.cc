@@ -205,12 +205,9 @@ absl::StatusOr<LocalMsi> MeasureLocalMsi(vcpu::IrqchipMode irqchip, size_t n, ab
   auto vm = agent::ProbeVm::Create(c);
   if (!vm.ok()) return vm.status();
   if (auto s = (*vm)->Start(); !s.ok()) return s;
-  for (VcpuIndex v : (*vm)->local_vcpus()) {
-    if (cpus.empty()) break;
-    if (auto s = (*vm)->thread(v).Pin(cpus); !s.ok()) {
-      (*vm)->Stop();
-      return s;
-    }
+  if (auto s = (*vm)->PinVcpus(cpus); !s.ok()) {
+    (*vm)->Stop();
+    return s;
   }
   LocalMsi out;
   out.tsc_khz = (*vm)->tsc_khz();

@@ -140,6 +140,15 @@ constexpr HopRow kHopRows[] = {
     {"  node-b injected -> guest handler entry", "inject_to_handler", &CrossNode::inject_to_handler_us},
 };
 
+// Every sample vector of a cross-node run (the hop rows' and the rest): what pooling rounds appends.
+constexpr std::vector<double> CrossNode::*kCrossNodeSamples[] = {
+    &CrossNode::handler_us,  &CrossNode::to_master_us,         &CrossNode::decided_us, &CrossNode::target_us,
+    &CrossNode::injected_us, &CrossNode::inject_to_handler_us, &CrossNode::rpc_us,     &CrossNode::raised_ns,
+};
+
+// A floor: kHops x a transport one-way + a local MSI -> handler (of p50s, or of p99s).
+constexpr double FloorOf(double one_way, double msi) { return kHops * one_way + msi; }
+
 nlohmann::json HopsJson(const CrossNode& c) {
   nlohmann::json j;
   for (const HopRow& h : kHopRows) j[h.key] = ToJson(Summarize(c.*h.samples));
@@ -309,11 +318,7 @@ absl::StatusOr<CrossNode> MeasureCrossNode(testing::ClusterLauncher& cluster, si
 void Append(std::vector<double>& to, const std::vector<double>& from) { to.insert(to.end(), from.begin(), from.end()); }
 
 void Append(CrossNode& to, const CrossNode& from) {
-  for (auto member : {&CrossNode::handler_us, &CrossNode::to_master_us, &CrossNode::decided_us, &CrossNode::target_us,
-                      &CrossNode::injected_us, &CrossNode::inject_to_handler_us, &CrossNode::rpc_us,
-                      &CrossNode::raised_ns}) {
-    Append(to.*member, from.*member);
-  }
+  for (auto member : kCrossNodeSamples) Append(to.*member, from.*member);
   to.lost += from.lost;
   to.rejected += from.rejected;
   to.fitted_tsc_khz = from.fitted_tsc_khz;  // each round fits its own (its samples are mapped with it); the last shown
@@ -358,10 +363,10 @@ struct RoundRatios {
 RoundRatios RatiosOf(const Pool& round) {
   RoundRatios r;
   r.e2e_p50 = Summarize(round.cross.handler_us).p50;
-  r.floor_p50 = kHops * Summarize(round.tcp_stream).p50 + Summarize(round.msi_paced.to_handler_us).p50;
+  r.floor_p50 = FloorOf(Summarize(round.tcp_stream).p50, Summarize(round.msi_paced.to_handler_us).p50);
   if (round.placed && round.msi_placed) {
     r.placed_e2e_p50 = Summarize(round.placed->handler_us).p50;
-    r.placed_floor_p50 = kHops * Summarize(round.stream_placed).p50 + Summarize(round.msi_placed->to_handler_us).p50;
+    r.placed_floor_p50 = FloorOf(Summarize(round.stream_placed).p50, Summarize(round.msi_placed->to_handler_us).p50);
   }
   return r;
 }
@@ -515,24 +520,12 @@ int Main(int argc, char** argv) {
     }
     pool.Add(round);
   }
-  const CrossNode* cross = &pool.cross;
-  const std::vector<double>* one_way = &pool.tcp;
-  const std::vector<double>* one_way_paced = &pool.tcp_paced;
-  const std::vector<double>* stream_paced = &pool.tcp_stream;
-  const std::vector<double>& one_way_placed = pool.tcp_placed;
-  const std::vector<double>& stream_placed = pool.stream_placed;
-  const std::optional<CrossNode>& pinned = pool.placed;
-  const LocalMsi* local = &pool.msi;
-  const LocalMsi* paced = &pool.msi_paced;
-  const LocalMsi* paced_sleeping = &pool.msi_sleeping;
-  const std::optional<LocalMsi>& msi_placed = pool.msi_placed;
-
-  const Summary e2e = Summarize(cross->handler_us);
-  const Summary tcp = Summarize(*one_way);
-  const Summary tcp_paced = Summarize(*one_way_paced);
-  const Summary tcp_stream = Summarize(*stream_paced);
-  const Summary msi = Summarize(local->to_handler_us);
-  const Summary msi_paced = Summarize(paced->to_handler_us);
+  const Summary e2e = Summarize(pool.cross.handler_us);
+  const Summary tcp = Summarize(pool.tcp);
+  const Summary tcp_paced = Summarize(pool.tcp_paced);
+  const Summary tcp_stream = Summarize(pool.tcp_stream);
+  const Summary msi = Summarize(pool.msi.to_handler_us);
+  const Summary msi_paced = Summarize(pool.msi_paced.to_handler_us);
   // Each floor: kHops x a transport one-way + a local MSI -> handler.
   struct Floor {
     const char* key;
@@ -541,7 +534,7 @@ int Main(int argc, char** argv) {
     double p50 = 0, p99 = 0;
   };
   auto floor_of = [](const char* key, std::string label, const Summary& hop, const Summary& m) {
-    return Floor{key, std::move(label), hop, m, kHops * hop.p50 + m.p50, kHops * hop.p99 + m.p99};
+    return Floor{key, std::move(label), hop, m, FloorOf(hop.p50, m.p50), FloorOf(hop.p99, m.p99)};
   };
   const std::vector<Floor> floors = {
       floor_of("floor", "back to back: tcp rtt/2 + local MSI (vCPU awake)", tcp, msi),
@@ -555,8 +548,8 @@ int Main(int argc, char** argv) {
                                    : "one RingDoorbell RPC per sample");
   std::printf("cross-node samples: %zu (lost %lu, rejected %lu), one every %.0f µs (median); handler time = guest "
               "rdtsc -> CLOCK_MONOTONIC via TSC rate fitted over each round, the last %.0f kHz (KVM_GET_TSC_KHZ %lu)\n",
-              e2e.count, static_cast<unsigned long>(cross->lost), static_cast<unsigned long>(cross->rejected), gap_us,
-              cross->fitted_tsc_khz, static_cast<unsigned long>(local->tsc_khz));
+              e2e.count, static_cast<unsigned long>(pool.cross.lost), static_cast<unsigned long>(pool.cross.rejected),
+              gap_us, pool.cross.fitted_tsc_khz, static_cast<unsigned long>(pool.msi.tsc_khz));
   std::printf("\n%-66s %9s %9s %9s\n", "path (µs)", "p50", "p99", "count");
   auto row = [](const std::string& name, const Summary& s) {
     std::printf("%-66s %9.1f %9.1f %9zu\n", name.c_str(), s.p50, s.p99, s.count);
@@ -574,41 +567,43 @@ int Main(int argc, char** argv) {
                   r <= 1.25 ? "met" : "NOT met");
     }
   };
-  hop_rows(*cross);
+  hop_rows(pool.cross);
   row("RAISED ON NODE-A -> GUEST HANDLER ON NODE-B", e2e);
-  if (!cross->rpc_us.empty()) row("  (RingDoorbell RPC issued -> guest handler, incl. gRPC)", Summarize(cross->rpc_us));
+  if (!pool.cross.rpc_us.empty()) {
+    row("  (RingDoorbell RPC issued -> guest handler, incl. gRPC)", Summarize(pool.cross.rpc_us));
+  }
   row("floor: tcp one-way = rtt/2, 64-byte frames, event, back to back", tcp);
   row(fmt::format("floor: tcp one-way = rtt/2, paced {:.0f} µs (asleep)", gap_us), tcp_paced);
   row(fmt::format("floor: tcp one-way stream (arrival - send), paced {:.0f} µs", gap_us), tcp_stream);
   row("floor: local KVM_SIGNAL_MSI -> handler, back to back (awake)", msi);
   row(fmt::format("floor: local KVM_SIGNAL_MSI -> handler, paced {:.0f} µs (asleep)", gap_us), msi_paced);
-  row("  (the same, the injecting thread asleep after the MSI, not spinning)", Summarize(paced_sleeping->to_handler_us));
+  row("  (the same, the injecting thread asleep after the MSI, not spinning)", Summarize(pool.msi_sleeping.to_handler_us));
   floor_rows(floors, e2e.p50, "cross-node");
 
   std::vector<Floor> placed_floors;
-  if (pinned) {
-    const Summary e2e_pinned = Summarize(pinned->handler_us);
-    const Summary msi_p = Summarize(msi_placed->to_handler_us);
+  if (pool.placed) {
+    const Summary e2e_pinned = Summarize(pool.placed->handler_us);
+    const Summary msi_p = Summarize(pool.msi_placed->to_handler_us);
     placed_floors = {
         floor_of("placed_floor_paced", fmt::format("placed: paced tcp rtt/2 + local MSI, all on CPU {}", pin_path),
-                 Summarize(one_way_placed), msi_p),
+                 Summarize(pool.tcp_placed), msi_p),
         floor_of("placed_floor_stream",
                  fmt::format("placed: paced tcp stream + local MSI, all on CPU {} (like for like)", pin_path),
-                 Summarize(stream_placed), msi_p),
+                 Summarize(pool.stream_placed), msi_p),
         floors[1],
         floors[2],
     };
     std::printf("\nwith the interrupt path on CPU %d (data-plane threads of the master and the agents, vCPU threads; "
                 "the daemons' other threads on CPUs %s): %zu samples (lost %lu, rejected %lu)\n",
-                pin_path, pinned_agent_args[1].c_str(), e2e_pinned.count, static_cast<unsigned long>(pinned->lost),
-                static_cast<unsigned long>(pinned->rejected));
+                pin_path, pinned_agent_args[1].c_str(), e2e_pinned.count, static_cast<unsigned long>(pool.placed->lost),
+                static_cast<unsigned long>(pool.placed->rejected));
     std::printf("%-66s %9s %9s %9s\n", "path (µs)", "p50", "p99", "count");
-    hop_rows(*pinned);
+    hop_rows(*pool.placed);
     row("RAISED ON NODE-A -> GUEST HANDLER ON NODE-B (placed)", e2e_pinned);
     row(fmt::format("placed floor: tcp one-way = rtt/2, paced, both threads on CPU {}", pin_path),
-        Summarize(one_way_placed));
+        Summarize(pool.tcp_placed));
     row(fmt::format("placed floor: tcp one-way stream, paced, both threads on CPU {}", pin_path),
-        Summarize(stream_placed));
+        Summarize(pool.stream_placed));
     row(fmt::format("placed floor: local MSI -> handler, paced, injector (asleep) + vCPUs on CPU {}", pin_path),
         msi_p);
     floor_rows(placed_floors, e2e_pinned.p50, "placed cross-node");
@@ -658,26 +653,26 @@ int Main(int argc, char** argv) {
                   "(rtt/2 of an echo, or a one-way stream: arrival - send on the shared clock) + local "
                   "KVM_SIGNAL_MSI -> handler; paced = one every sample_gap_us, so the threads and the vCPU sleep in "
                   "between as in the cluster; placed = those threads on path_cpu";
-    j["lost"] = cross->lost;
-    j["rejected"] = cross->rejected;
-    j["fitted_tsc_khz"] = cross->fitted_tsc_khz;
-    j["kvm_tsc_khz"] = local->tsc_khz;
+    j["lost"] = pool.cross.lost;
+    j["rejected"] = pool.cross.rejected;
+    j["fitted_tsc_khz"] = pool.cross.fitted_tsc_khz;
+    j["kvm_tsc_khz"] = pool.msi.tsc_khz;
     j["sample_gap_us"] = gap_us;
     j["cross_node"] = ToJson(e2e);
-    j["hops_detail"] = HopsJson(*cross);
-    j["hops_detail"]["rpc_to_handler"] = ToJson(Summarize(cross->rpc_us));
-    j["local_msi_to_handler_paced_injector_asleep"] = ToJson(Summarize(paced_sleeping->to_handler_us));
+    j["hops_detail"] = HopsJson(pool.cross);
+    j["hops_detail"]["rpc_to_handler"] = ToJson(Summarize(pool.cross.rpc_us));
+    j["local_msi_to_handler_paced_injector_asleep"] = ToJson(Summarize(pool.msi_sleeping.to_handler_us));
     for (const Floor& f : floors) j["floors"][f.key] = floor_json(f, e2e.p50);
-    if (pinned) {
-      const Summary e2e_pinned = Summarize(pinned->handler_us);
+    if (pool.placed) {
+      const Summary e2e_pinned = Summarize(pool.placed->handler_us);
       j["placed"] = {{"path_cpu", pin_path},
                      {"other_cpus", pinned_agent_args[1]},
                      {"master_args", pinned_master_args},
                      {"agent_args", pinned_agent_args},
-                     {"lost", pinned->lost},
-                     {"rejected", pinned->rejected},
+                     {"lost", pool.placed->lost},
+                     {"rejected", pool.placed->rejected},
                      {"cross_node", ToJson(e2e_pinned)},
-                     {"hops_detail", HopsJson(*pinned)}};
+                     {"hops_detail", HopsJson(*pool.placed)}};
       for (const Floor& f : placed_floors) j["placed"]["floors"][f.key] = floor_json(f, e2e_pinned.p50);
     }
     j["rounds"] = rounds;

@@ -90,10 +90,7 @@ absl::StatusOr<std::unique_ptr<RdmaTransport>> RdmaTransport::Create(const RdmaO
       return absl::ResourceExhaustedError(Cat("ibv_create_comp_channel on ", t->device_.port.device_name,
                                                        " failed: ", ErrnoText(errno)));
     }
-    if (t->waker_.fd() < 0) {
-      return absl::ResourceExhaustedError("eventfd for the transport's waker failed: an event-mode Wait could not be "
-                                          "woken (out of file descriptors?)");
-    }
+    if (absl::Status s = t->waker_.CanEndASleep(); !s.ok()) return s;
     // Non-blocking so that ibv_get_cq_event after a spurious wake-up returns instead of sleeping past the timeout.
     const int fl = fcntl(t->channel_->fd, F_GETFL);
     if (fl < 0 || fcntl(t->channel_->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
